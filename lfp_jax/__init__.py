@@ -1,0 +1,37 @@
+"""lfp_jax: Layer-wise Feedback Propagation as a JAX function transformation.
+
+``lfp_value_and_feedback`` is to LFP what ``jax.value_and_grad`` is to gradient descent.
+"""
+
+from lfp_jax import composites, errors, nn, rewards, rules, sites
+from lfp_jax.api import (
+    check_params,
+    describe,
+    lfp_grad,
+    lfp_value_and_feedback,
+    lfp_value_and_grad,
+    lfp_vjp,
+)
+from lfp_jax.composites import Composite, Match, lfp_epsilon
+from lfp_jax.errors import LFPError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Composite",
+    "LFPError",
+    "Match",
+    "check_params",
+    "composites",
+    "describe",
+    "errors",
+    "lfp_epsilon",
+    "lfp_grad",
+    "lfp_value_and_feedback",
+    "lfp_value_and_grad",
+    "lfp_vjp",
+    "nn",
+    "rewards",
+    "rules",
+    "sites",
+]

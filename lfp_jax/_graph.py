@@ -1,0 +1,131 @@
+"""A flat, analysable copy of a jaxpr.
+
+``build_graph`` turns a ``ClosedJaxpr`` into a :class:`Graph` whose values are small integers.
+Call-like primitives whose inner jaxpr only *describes* a computation (``jit``, ``custom_jvp_call``,
+``custom_vjp_call``) are inlined, so a ReLU written as ``custom_jvp_call{max(x, 0)}`` or a SiLU written
+as ``jit[name=silu]{logistic, mul}`` become ordinary primitives the site finder can see. Their custom
+derivative rules are dropped on purpose: LFP propagates reward through the forward computation, not
+through a user's gradient rule. Control flow (``scan``, ``cond``, ``while``, ``remat``) stays one node
+holding sub-graphs, so the rewritten program keeps its loops and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Union
+
+import jax
+import numpy as np
+
+from lfp_jax import _compat
+
+
+@dataclasses.dataclass(frozen=True)
+class Lit:
+    """A constant operand: a jaxpr literal or a closed-over constant."""
+
+    value: Any
+    aval: Any
+
+
+Atom = Union[int, Lit]
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    """One primitive application. ``subgraphs`` maps a param name to the graph(s) it holds."""
+
+    prim: Any
+    inputs: tuple[Atom, ...]
+    outputs: tuple[int | None, ...]  # None: the output is dropped
+    params: dict
+    source_info: Any
+    subgraphs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scope: tuple = ()  # (name, uid) of each inlined jit / custom_jvp call around it, outermost first
+
+    @property
+    def name(self) -> str:
+        return self.prim.name
+
+
+@dataclasses.dataclass(eq=False)
+class Graph:
+    inputs: list[int]
+    outputs: list[Atom]
+    nodes: list[Node]
+    avals: dict[int, Any]
+
+    def aval(self, atom: Atom) -> Any:
+        return atom.aval if isinstance(atom, Lit) else self.avals[atom]
+
+
+_ids = itertools.count()
+
+
+def is_float(aval: Any) -> bool:
+    """Whether values of ``aval`` can carry reward (real or complex floating point, bf16 included)."""
+    dtype = getattr(aval, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, np.inexact)
+
+
+def build_graph(closed: Any) -> Graph:
+    """Flatten ``closed`` (a ``ClosedJaxpr``) into a :class:`Graph`."""
+    closed = _compat.as_closed(closed)
+    jaxpr = closed.jaxpr
+    graph = Graph(inputs=[], outputs=[], nodes=[], avals={})
+    env: dict[Any, Atom] = {}
+    for var, const in zip(jaxpr.constvars, closed.consts):
+        env[var] = Lit(const, var.aval)
+    for var in jaxpr.invars:
+        env[var] = _fresh(graph, var.aval)
+        graph.inputs.append(env[var])
+    _emit(jaxpr.eqns, env, graph, ())
+    graph.outputs = [_read(env, v) for v in jaxpr.outvars]
+    return graph
+
+
+def _fresh(graph: Graph, aval: Any) -> int:
+    i = next(_ids)
+    graph.avals[i] = aval
+    return i
+
+
+def _read(env: dict, atom: Any) -> Atom:
+    if isinstance(atom, _compat.Literal):
+        return Lit(atom.val, atom.aval)
+    return env[atom]
+
+
+def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple) -> None:
+    for eqn in eqns:
+        inputs = tuple(_read(env, a) for a in eqn.invars)
+        if eqn.primitive.name in _compat.INLINE_CALLS:
+            inner = _compat.inline_jaxpr(eqn.params)
+            sub_env: dict[Any, Atom] = {}
+            for var, const in zip(inner.jaxpr.constvars, inner.consts):
+                sub_env[var] = Lit(const, var.aval)
+            for var, atom in zip(inner.jaxpr.invars, inputs):
+                sub_env[var] = atom
+            name = str(eqn.params.get("name", eqn.primitive.name))
+            _emit(inner.jaxpr.eqns, sub_env, graph, scope + ((name, next(_ids)),))
+            for out, inner_out in zip(eqn.outvars, inner.jaxpr.outvars):
+                env[out] = _read(sub_env, inner_out)
+            continue
+        subgraphs = {}
+        for key, value in eqn.params.items():
+            if _compat.is_jaxpr(value):
+                subgraphs[key] = build_graph(value)
+            elif isinstance(value, tuple) and value and all(_compat.is_jaxpr(v) for v in value):
+                subgraphs[key] = tuple(build_graph(v) for v in value)
+        outputs = []
+        for out in eqn.outvars:
+            if _compat.DropVar and isinstance(out, _compat.DropVar):
+                outputs.append(None)
+            else:
+                env[out] = _fresh(graph, out.aval)
+                outputs.append(env[out])
+        graph.nodes.append(
+            Node(eqn.primitive, inputs, tuple(outputs), dict(eqn.params), eqn.source_info, subgraphs,
+                 scope)
+        )

@@ -1,0 +1,114 @@
+"""Composites: which rule applies at which site.
+
+A :class:`Composite` is an ordered tuple of ``(Match, Rule)`` pairs; for each site the *last* matching
+pair wins, so a preset can be refined by appending pairs::
+
+    composite = lfp_jax.lfp_epsilon().with_rules(
+        (Match(path="*/Dense_0"), rules.ZPlus()),    # first Dense layer of a linen model
+        (Match(label="tanh"), rules.Gradient()),     # plain gradient through tanh
+    )
+
+``lfp_jax.describe(fun, *args, composite=...)`` prints the resolved table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Callable
+
+from lfp_jax import rules as R
+from lfp_jax.errors import NoRuleError
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """Selects sites. Every given criterion must hold.
+
+    Args:
+      kind: site kind (``"linear"``, ``"activation"``, ``"normalization"``, ``"sum"``, ``"pool"``,
+        ``"max_pool"``, ``"dropout"``).
+      label: what the site computes (``"dense"``, ``"conv"``, ``"relu"``, ``"tanh"``, ``"silu"``,
+        ``"gelu"``, ``"step"``, ``"batch_norm"``, ...); glob patterns allowed.
+      path: glob over the site's name stack (linen module path such as ``"MLP/Dense_0"`` or a
+        ``jax.named_scope``).
+      where: any predicate ``site -> bool``.
+    """
+
+    kind: str | None = None
+    label: str | None = None
+    path: str | None = None
+    where: Callable[[Any], bool] | None = None
+
+    def __call__(self, site: Any) -> bool:
+        if self.kind is not None and site.kind != self.kind:
+            return False
+        if self.label is not None and not fnmatch.fnmatchcase(site.label, self.label):
+            return False
+        if self.path is not None and not fnmatch.fnmatchcase(site.name_stack, self.path):
+            return False
+        return self.where is None or bool(self.where(site))
+
+
+@dataclasses.dataclass(frozen=True)
+class Composite:
+    """Ordered ``(Match, Rule)`` pairs; the last pair matching a site gives its rule.
+
+    Attributes:
+      entries: the pairs.
+      epsilon: ε used where no block rule supplies one (the seed at the outputs when they are not a
+        block output, and activations fed directly by the model inputs).
+      name: shown by :func:`lfp_jax.describe`.
+    """
+
+    entries: tuple[tuple[Match, R.Rule], ...]
+    epsilon: float = 1e-6
+    name: str = "custom"
+
+    def with_rules(self, *pairs: tuple[Match, R.Rule]) -> "Composite":
+        """A copy with ``pairs`` appended (they take precedence)."""
+        return dataclasses.replace(self, entries=self.entries + tuple(pairs))
+
+    def resolve(self, site: Any) -> R.Rule:
+        for match, rule in reversed(self.entries):
+            if match(site):
+                if site.kind not in rule.kinds:
+                    raise NoRuleError(
+                        f"rule {rule!r} was selected for a {site.kind!r} site ({site.label}) at "
+                        f"{site.source_line}, but it only applies to {sorted(rule.kinds)}. Narrow the "
+                        f"Match (e.g. Match(kind=...)) so it selects sites of those kinds."
+                    )
+                return rule
+        raise NoRuleError(
+            f"no rule in composite {self.name!r} matches the {site.kind!r} site ({site.label}) at "
+            f"{site.source_line}. Add a pair for it, e.g. "
+            f"composite.with_rules((Match(kind={site.kind!r}), rules.Epsilon()))."
+        )
+
+
+def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Composite:
+    """The reference LFP-ε composite (lfprop's ``LFPEpsilonComposite``).
+
+    Dense/Conv (with bias), residual sums, average pooling, means and normalisations (one block, exact
+    Jacobian, batch statistics included) use :class:`~lfp_jax.rules.Epsilon`; every activation uses
+    :class:`~lfp_jax.rules.Identity`; max pooling :class:`~lfp_jax.rules.WinnerTakeAll`; dropout
+    :class:`~lfp_jax.rules.Dropout` (``dropout_rescale=False`` conserves reward instead).
+
+    Args:
+      epsilon: ε of every ε rule; 1e-6 in the reference (1.0 for its transformers).
+      dropout_rescale: reproduce the reference's ``1/(1-p)`` rescaling of reward at dropout layers.
+    """
+    eps = R.Epsilon(epsilon)
+    return Composite(
+        entries=(
+            (Match(kind="linear"), eps),
+            (Match(kind="sum"), eps),
+            (Match(kind="pool"), eps),
+            (Match(kind="normalization"), eps),
+            (Match(kind="activation"), R.Identity()),
+            (Match(kind="max_pool"), R.WinnerTakeAll()),
+            (Match(kind="dropout"), R.Dropout(rescale=dropout_rescale)),
+        ),
+        epsilon=epsilon,
+        name=f"lfp_epsilon(epsilon={epsilon:g})",
+    )

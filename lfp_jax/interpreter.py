@@ -1,0 +1,137 @@
+"""Evaluating a model's graph with feedback rules inserted at its sites.
+
+:func:`evaluate` runs a :class:`~lfp_jax.sites.Plan` eagerly or under any JAX transformation: every
+primitive is re-bound as it was, except that sites are evaluated through their rule (often a
+``jax.custom_vjp``) and block outputs entering another block pass through an ε stabiliser. The
+reverse pass of the result, taken by ``jax.vjp``, is then LFP's backward pass. Control-flow
+primitives are re-bound with their sub-jaxprs rewritten the same way, so ``scan``, ``cond`` and
+``remat`` survive into the compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+from jax.extend import core as jex
+
+from lfp_jax import _compat
+from lfp_jax._graph import Lit, Node
+from lfp_jax.rules import SiteCall, stabilize
+from lfp_jax.sites import Plan, Site
+
+
+def evaluate(plan: Plan, args: Sequence[Any], *, wrap_outputs: bool = True) -> list[Any]:
+    """Evaluate ``plan.graph`` on ``args`` with the plan's rules; returns the graph outputs."""
+    g = plan.graph
+    env: dict[int, Any] = dict(zip(g.inputs, args))
+    stabilized: dict[int, Any] = {}
+
+    def read(atom, wrapped: bool = False):
+        if isinstance(atom, Lit):
+            return atom.value
+        if not wrapped:
+            return env[atom]
+        if atom not in stabilized:
+            stabilized[atom] = _boundary(env[atom], plan.stabilize[atom])
+        return stabilized[atom]
+
+    for i, node in enumerate(g.nodes):
+        site = plan.site_of_node.get(i)
+        if site is not None:
+            if i == site.nodes[-1]:
+                wrapped = _wrapped_operands(plan, site)
+                ops = [read(a, w) for a, w in zip(site.operands, wrapped)]
+                outs = site.rule(_site_call(plan, site), *ops)
+                for var, val in zip((site.output,) + site.extras, outs):
+                    env[var] = val
+            continue
+        ins = [read(a, (i, p) in plan.wrapped_edges) for p, a in enumerate(node.inputs)]
+        outs = _bind(node, ins, plan.subplans.get(i))
+        for var, val in zip(node.outputs, outs):
+            if var is not None:
+                env[var] = val
+    return [read(o, wrap_outputs and p in plan.wrapped_outputs) for p, o in enumerate(g.outputs)]
+
+
+def _wrapped_operands(plan: Plan, site: Site) -> list[bool]:
+    g = plan.graph
+    edges = {g.nodes[r].inputs[p] for r, p in plan.wrapped_edges if r in site.nodes}
+    return [isinstance(a, int) and a in edges for a in site.operands]
+
+
+def _site_call(plan: Plan, site: Site) -> SiteCall:
+    g = plan.graph
+
+    def fn(*operands):
+        env = {}
+        for atom, value in zip(site.operands, operands):
+            env[atom if isinstance(atom, int) else id(atom)] = value
+        for r in site.nodes:
+            node = g.nodes[r]
+            ins = [env[a] if isinstance(a, int) else env.get(id(a), a.value) for a in node.inputs]
+            for var, val in zip(node.outputs, _bind(node, ins, None)):
+                if var is not None:
+                    env[var] = val
+        return tuple(env[v] for v in (site.output,) + site.extras)
+
+    return SiteCall(site, fn, site.carries_reward, site.input_epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _boundary(value: Any, epsilon: float) -> Any:
+    """Identity; its backward multiplies the cotangent by ``y / (y + ε·sign(y))`` (block output ε)."""
+    return value
+
+
+def _boundary_fwd(value, epsilon):
+    return value, value
+
+
+def _boundary_bwd(epsilon, value, ct):
+    return (ct * value / stabilize(value, epsilon),)
+
+
+_boundary.defvjp(_boundary_fwd, _boundary_bwd)
+
+
+def _bind(node: Node, ins: list[Any], subplans: dict | None) -> list[Any]:
+    params = node.params
+    if subplans:
+        params = dict(params)
+        for key, sub in subplans.items():
+            original = node.params[key]
+            if isinstance(sub, tuple):
+                params[key] = tuple(_rewrite(s, o) for s, o in zip(sub, original))
+            else:
+                params[key] = _rewrite(sub, original)
+    out = node.prim.bind(*ins, **params)
+    return list(out) if node.prim.multiple_results else [out]
+
+
+def _rewrite(plan: Plan, original: Any) -> Any:
+    """A jaxpr of the same signature as ``original`` that evaluates ``plan`` with its rules."""
+    g = plan.graph
+    specs = [jax.ShapeDtypeStruct(g.avals[v].shape, g.avals[v].dtype,
+                                  weak_type=getattr(g.avals[v], "weak_type", False))
+             for v in g.inputs]
+    closed = jax.make_jaxpr(lambda *a: evaluate(plan, a))(*specs)
+    if isinstance(original, _compat.ClosedJaxpr) and not closed.consts:
+        return closed
+    jaxpr = _inline_consts(closed)
+    if isinstance(original, _compat.ClosedJaxpr):
+        return jex.ClosedJaxpr(jaxpr, ())
+    return jaxpr
+
+
+def _inline_consts(closed: Any) -> Any:
+    """``closed.jaxpr`` with its constants turned into literals (for params that must be open)."""
+    jaxpr = closed.jaxpr
+    if not closed.consts:
+        return jaxpr
+    lits = {v: jex.Literal(c, v.aval) for v, c in zip(jaxpr.constvars, closed.consts)}
+    eqns = [e.replace(invars=[lits.get(a, a) if isinstance(a, jex.Var) else a for a in e.invars])
+            for e in jaxpr.eqns]
+    outvars = [lits.get(v, v) if isinstance(v, jex.Var) else v for v in jaxpr.outvars]
+    return jaxpr.replace(constvars=[], eqns=eqns, outvars=outvars)

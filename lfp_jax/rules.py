@@ -1,0 +1,351 @@
+r"""Feedback rules: how reward crosses one site of a model.
+
+The engine carries the *normalised reward* ``c`` backwards instead of the reward ``R`` itself, with
+``R = value ⊙ c`` at every value. In this form the LFP-ε rule of a layer ``y = f(x; θ)``,
+
+.. math::
+
+    s = \frac{R_y}{y + \varepsilon\,\mathrm{sign}(y)}, \qquad
+    R_x = x \odot J_x^\top s, \qquad F_\theta = |\theta| \odot J_\theta^\top s,
+
+is exactly the ordinary vector-Jacobian product ``c_x = J_xᵀ c_y`` plus a factor ``y / stab(y)`` at the
+block output, so most sites run at the cost of a gradient. Every rule is a small frozen dataclass
+(hashable, hence static under ``jax.jit``). A rule is called with a :class:`SiteCall` and the site's
+operands and returns the site's outputs; rules that change the backward pass wrap the site in a
+``jax.custom_vjp`` whose backward works in the ``c`` form above: it receives the cotangent ``c_y`` of the
+site output and returns ``c`` for every operand (``None`` for operands that carry no reward).
+
+Rules and where they apply (site kinds are listed in :mod:`lfp_jax.sites`):
+
+====================  ======================  ===============================================
+rule                  site kinds              backward
+====================  ======================  ===============================================
+:class:`Epsilon`      linear, sum, pool,      ε rule (the LFP default); exact Jacobian of the
+                      normalization           block, ``y/stab(y)`` at its output
+:class:`Identity`     activation              ``R_x = R_y``:  ``c_x = c_y · φ(x) / stab(x)``
+:class:`Gradient`     any                     the plain VJP (explicit opt-in, never a default)
+:class:`WinnerTakeAll` max_pool               reward to the arg-max
+:class:`Dropout`      dropout                 the reference's VJP on ``R`` (rescales by 1/(1-p)),
+                                              or the conservative ``R_x = mask ⊙ R_y``
+:class:`ZPlus`,       linear                  classic LRP rules as *terms* of a modified
+:class:`Gamma`,                               forward pass (see :class:`LinearRule`)
+:class:`AlphaBeta`,
+:class:`Flat`,
+:class:`WSquare`,
+:class:`ZBox`
+====================  ======================  ===============================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def stabilize(z: Array, epsilon: float) -> Array:
+    r"""The ε stabiliser ``z + ε·sign(z)`` with ``sign(0) = +1`` (so it is never zero for ε > 0)."""
+    return z + jnp.where(z >= 0, epsilon, -epsilon).astype(z.dtype)
+
+
+class SiteCall(NamedTuple):
+    """What a rule sees of the site it is applied to.
+
+    Attributes:
+      site: the :class:`lfp_jax.sites.Site` (kind, label, source line, ...).
+      fn: evaluates the site: ``fn(*operands) -> tuple`` of outputs; the first output carries reward,
+        any further outputs are side values used elsewhere (e.g. batch statistics kept for later).
+      carries_reward: per operand, whether reward flows into it (input-dependent floating point).
+      input_epsilon: ε of the block whose output feeds the site (used by activation rules).
+    """
+
+    site: Any
+    fn: Callable[..., tuple]
+    carries_reward: tuple[bool, ...]
+    input_epsilon: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Base class of all rules: the exact VJP of the site, no stabiliser.
+
+    Subclasses override :meth:`__call__` (and usually wrap ``call.fn`` in a ``jax.custom_vjp``) and
+    :attr:`output_epsilon`.
+    """
+
+    kinds: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def output_epsilon(self) -> float | None:
+        """ε of the stabiliser the engine applies at the output of the block this rule owns."""
+        return None
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        return call.fn(*operands)
+
+
+def _with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable) -> tuple:
+    """Evaluate ``call.fn`` with ``backward(operands, outputs, ct_out) -> list of operand cts``."""
+
+    @jax.custom_vjp
+    def site(*ops):
+        return tuple(call.fn(*ops))
+
+    def fwd(*ops):
+        outs = tuple(call.fn(*ops))
+        return outs, (ops, outs)
+
+    def bwd(res, cts):
+        ops, outs = res
+        grads = backward(ops, outs, cts[0])
+        return tuple(
+            g if (carries and g is not None) else None
+            for g, carries in zip(grads, call.carries_reward)
+        )
+
+    site.defvjp(fwd, bwd)
+    return site(*operands)
+
+
+@dataclasses.dataclass(frozen=True)
+class Epsilon(Rule):
+    r"""LFP-ε (the reference rule for Dense, Conv, BatchNorm, pooling and residual sums).
+
+    ``s = R_y / (y + ε·sign(y))``, ``R_x = x ⊙ J_xᵀ s``, ``F_θ = |θ| ⊙ J_θᵀ s`` with the exact
+    Jacobian ``J`` of the block (for a normalisation in training mode: batch statistics included).
+
+    Args:
+      epsilon: the stabiliser; the reference uses 1e-6 (1.0 for transformers).
+    """
+
+    epsilon: float = 1e-6
+    kinds: ClassVar[frozenset[str]] = frozenset({"linear", "sum", "pool", "normalization"})
+
+    @property
+    def output_epsilon(self) -> float:
+        return self.epsilon
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity(Rule):
+    r"""Identity rule for activations: ``R_x = R_y``.
+
+    In the normalised form ``c_x = c_y · φ(x) / (x + ε·sign(x))``, where ε is that of the block whose
+    output ``x`` is (``epsilon`` overrides it). No derivative of φ is used, so step functions pass
+    reward wherever they fire.
+    """
+
+    epsilon: float | None = None
+    kinds: ClassVar[frozenset[str]] = frozenset({"activation"})
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        eps = call.input_epsilon if self.epsilon is None else self.epsilon
+
+        def backward(ops, outs, ct):
+            x, y = ops[0], outs[0]
+            return [ct * y / stabilize(x, eps)] + [None] * (len(ops) - 1)
+
+        return _with_backward(call, operands, backward)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gradient(Rule):
+    """The plain vector-Jacobian product: at this site LFP behaves like gradient descent.
+
+    Never chosen by a preset: a user who wants it names it in a composite.
+    """
+
+    kinds: ClassVar[frozenset[str]] = frozenset(
+        {"linear", "sum", "pool", "normalization", "activation", "max_pool", "dropout"}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class WinnerTakeAll(Rule):
+    """Max pooling: all reward of a window goes to its arg-max (the VJP of ``max``)."""
+
+    kinds: ClassVar[frozenset[str]] = frozenset({"max_pool"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout(Rule):
+    r"""Dropout ``y = mask ⊙ x / (1 - p)``.
+
+    Args:
+      rescale: ``True`` (the reference): the plain VJP is applied to the reward itself,
+        ``R_x = mask ⊙ R_y / (1 - p)``, so each dropout layer multiplies the reward below it by
+        ``1/(1-p)``. ``False``: reward is conserved, ``R_x = mask ⊙ R_y``.
+      epsilon: stabiliser of the division by ``x`` when converting back to the normalised form.
+    """
+
+    rescale: bool = True
+    epsilon: float = 1e-12
+    kinds: ClassVar[frozenset[str]] = frozenset({"dropout"})
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        if not self.rescale:
+            return call.fn(*operands)
+        index = call.carries_reward.index(True)
+
+        def backward(ops, outs, ct):
+            relevance = outs[0] * ct
+            _, vjp = jax.vjp(lambda a: call.fn(*ops[:index], a, *ops[index + 1:])[0], ops[index])
+            (r_x,) = vjp(relevance)
+            grads: list = [None] * len(ops)
+            grads[index] = r_x / stabilize(ops[index], self.epsilon)
+            return grads
+
+        return _with_backward(call, operands, backward)
+
+
+# --- classic LRP rules on linear sites -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRule(Rule):
+    r"""An LRP rule for a linear site ``o = f(x, W)`` (``dot_general`` or a convolution), given as terms.
+
+    A rule is a list of terms ``(a_k, w_k, σ_k)`` (from :meth:`terms`) defining a modified forward
+    ``z = Σ_k σ_k f(a_k, w_k)``. With the reward ``R_o = o ⊙ c_o`` at the site output,
+
+    .. math::
+
+        s = \frac{R_o}{\mathrm{stab}(z)},\quad R_x = \sum_k \sigma_k\, a_k \odot J_{a_k}^\top s,
+        \quad c_W = \frac{\partial z}{\partial W}^\top s,
+
+    and ``c_x = R_x / stab(x)``. The ε rule is ``[(x, W, +1)]``; z⁺ is ``[(x⁺, W⁺), (x⁻, W⁻)]``; γ
+    is ``[(x, W + γW⁺)]``; flat ``[(1, 1)]``; w² ``[(1, W²)]``; z^B ``[(x, W), (l, W⁺, −1), (h, W⁻, −1)]``.
+    Parameter feedback is ``|W| ⊙ c_W``, like LFP-ε.
+    """
+
+    epsilon: float = 1e-6
+    kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+
+    def terms(self, x: Array, w: Array) -> list[tuple[Array, Array, float]]:
+        return [(x, w, 1.0)]
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        if len(operands) != 2 or sum(call.carries_reward) != 1:
+            raise TypeError(f"{type(self).__name__} needs a linear site with one input and one weight")
+        xi = call.carries_reward.index(True)
+        wi = 1 - xi
+
+        def f(a, w):
+            ops = [None, None]
+            ops[xi], ops[wi] = a, w
+            return call.fn(*ops)[0]
+
+        def backward(ops, outs, ct):
+            x, w = ops[xi], ops[wi]
+            relevance = outs[0] * ct
+            r_x, c_w = self._propagate(f, x, w, relevance)
+            grads: list = [None, None]
+            grads[xi] = r_x / stabilize(x, 1e-12)
+            grads[wi] = c_w
+            return grads
+
+        return _with_backward(call, operands, backward)
+
+    def _propagate(self, f, x, w, relevance):
+        def z_of(activations, weight):
+            return sum(s * f(a, wk) for (_, wk, s), a in zip(self.terms(x, weight), activations))
+
+        acts = [a for a, _, _ in self.terms(x, w)]
+        z, vjp_a = jax.vjp(lambda acts_: z_of(acts_, w), acts)
+        s = relevance / stabilize(z, self.epsilon)
+        (ct_acts,) = vjp_a(s)
+        r_x = sum(sign * a * c for (a, _, sign), c in zip(self.terms(x, w), ct_acts))
+        _, vjp_w = jax.vjp(lambda weight: z_of(acts, weight), w)
+        (c_w,) = vjp_w(s)
+        return r_x, c_w
+
+
+def _pos(a: Array) -> Array:
+    return jnp.maximum(a, 0)
+
+
+def _neg(a: Array) -> Array:
+    return jnp.minimum(a, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZPlus(LinearRule):
+    """z⁺: only positive contributions, ``z = f(x⁺, W⁺) + f(x⁻, W⁻)``."""
+
+    def terms(self, x, w):
+        return [(_pos(x), _pos(w), 1.0), (_neg(x), _neg(w), 1.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Gamma(LinearRule):
+    """γ rule: positive weights favoured, ``z = f(x, W + γW⁺)``."""
+
+    gamma: float = 0.25
+
+    def terms(self, x, w):
+        return [(x, w + self.gamma * _pos(w), 1.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat(LinearRule):
+    """Flat rule: reward spread uniformly over the receptive field, ``z = f(1, 1)``."""
+
+    def terms(self, x, w):
+        return [(jnp.ones_like(x), jnp.ones_like(w), 1.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class WSquare(LinearRule):
+    """w² rule: reward spread by squared weights, ``z = f(1, W²)``."""
+
+    def terms(self, x, w):
+        return [(jnp.ones_like(x), w * w, 1.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ZBox(LinearRule):
+    """z^B rule for bounded inputs ``low ≤ x ≤ high``: ``z = f(x, W) − f(l, W⁺) − f(h, W⁻)``."""
+
+    low: float = 0.0
+    high: float = 1.0
+
+    def terms(self, x, w):
+        low = jnp.full_like(x, self.low)
+        high = jnp.full_like(x, self.high)
+        return [(x, w, 1.0), (low, _pos(w), -1.0), (high, _neg(w), -1.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaBeta(LinearRule):
+    r"""α-β rule: ``R = α R⁺ − β R⁻`` with positive and negative contributions normalised apart.
+
+    ``z⁺ = f(x⁺, W⁺) + f(x⁻, W⁻)`` and ``z⁻ = f(x⁺, W⁻) + f(x⁻, W⁺)``; ``α − β = 1`` conserves reward.
+    """
+
+    alpha: float = 2.0
+    beta: float = 1.0
+
+    def _propagate(self, f, x, w, relevance):
+        parts = []
+        for coef, (wp, wn) in ((self.alpha, (_pos, _neg)), (-self.beta, (_neg, _pos))):
+            rule = _Terms(self.epsilon, lambda x_, w_, wp=wp, wn=wn: [
+                (_pos(x_), wp(w_), 1.0), (_neg(x_), wn(w_), 1.0)])
+            r_x, c_w = LinearRule._propagate(rule, f, x, w, relevance)
+            parts.append((coef * r_x, coef * c_w))
+        return parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Terms(LinearRule):
+    make: Callable = None  # type: ignore[assignment]
+
+    def __init__(self, epsilon, make):
+        object.__setattr__(self, "epsilon", epsilon)
+        object.__setattr__(self, "make", make)
+
+    def terms(self, x, w):
+        return self.make(x, w)
