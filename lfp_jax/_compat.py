@@ -85,33 +85,28 @@ def _library_dirs() -> tuple[str, ...]:
     return tuple(dirs)
 
 
-def source_line(source_info: Any) -> str:
-    """``file:line (function)`` of the user's code that created an equation.
+def user_line(source_info: Any) -> str | None:
+    """``file:line (function)`` of the innermost user frame that created an equation, or None.
 
-    Frames inside jax, flax, optax and lfp_jax are skipped, so a model written with Flax points at the
-    user's module, not at ``flax/linen/linear.py``. Falls back to the innermost frame JAX kept.
+    Frames inside jax, flax, optax, lfp_jax and installed packages are skipped, so a model written
+    with Flax points at the user's module, not at ``flax/linen/linear.py``.
     """
     tb = getattr(source_info, "traceback", None)
     if tb is None:
-        return "<unknown location>"
+        return None
     try:
         from jax._src import source_info_util as siu
 
         code, lasti = tb.raw_frames()
         frames = [siu.raw_frame_to_frame(c, i) for c, i in zip(code, lasti)]
     except Exception:  # pragma: no cover - depends on jax internals
-        return "<unknown location>"
+        return None
     lib = _library_dirs()
-    fallback = None
     for frame in frames:  # innermost first
         fname = os.path.abspath(frame.file_name)
-        if fallback is None and not fname.startswith(_HERE):
-            fallback = frame
         if not fname.startswith(lib) and "/site-packages/" not in fname and "<frozen" not in fname:
             return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
-    if fallback is not None:
-        return f"{fallback.file_name}:{fallback.start_line} ({fallback.function_name})"
-    return "<unknown location>"
+    return None
 
 
 def name_stack(source_info: Any) -> str:

@@ -43,6 +43,25 @@ class Node:
     source_info: Any
     subgraphs: dict[str, Any] = dataclasses.field(default_factory=dict)
     scope: tuple = ()  # (name, uid) of each inlined jit / custom_jvp call around it, outermost first
+    call_sources: tuple = ()  # source infos of those calls, innermost first
+
+    @property
+    def where(self) -> str:
+        """The user's source line that created this primitive (or the call it was inlined from)."""
+        for info in (self.source_info,) + self.call_sources:
+            line = _compat.user_line(info)
+            if line is not None:
+                return line
+        return "<unknown location>"
+
+    @property
+    def path(self) -> str:
+        """Flax module path / ``jax.named_scope`` of this primitive ('' when there is none)."""
+        for info in (self.source_info,) + self.call_sources:
+            stack = _compat.name_stack(info)
+            if stack:
+                return stack
+        return ""
 
     @property
     def name(self) -> str:
@@ -80,7 +99,7 @@ def build_graph(closed: Any) -> Graph:
     for var in jaxpr.invars:
         env[var] = _fresh(graph, var.aval)
         graph.inputs.append(env[var])
-    _emit(jaxpr.eqns, env, graph, ())
+    _emit(jaxpr.eqns, env, graph, (), ())
     graph.outputs = [_read(env, v) for v in jaxpr.outvars]
     return graph
 
@@ -97,7 +116,7 @@ def _read(env: dict, atom: Any) -> Atom:
     return env[atom]
 
 
-def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple) -> None:
+def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple, call_sources: tuple) -> None:
     for eqn in eqns:
         inputs = tuple(_read(env, a) for a in eqn.invars)
         if eqn.primitive.name in _compat.INLINE_CALLS:
@@ -108,7 +127,8 @@ def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple) -> None:
             for var, atom in zip(inner.jaxpr.invars, inputs):
                 sub_env[var] = atom
             name = str(eqn.params.get("name", eqn.primitive.name))
-            _emit(inner.jaxpr.eqns, sub_env, graph, scope + ((name, next(_ids)),))
+            _emit(inner.jaxpr.eqns, sub_env, graph, scope + ((name, next(_ids)),),
+                  (eqn.source_info,) + call_sources)
             for out, inner_out in zip(eqn.outvars, inner.jaxpr.outvars):
                 env[out] = _read(sub_env, inner_out)
             continue
@@ -127,5 +147,5 @@ def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple) -> None:
                 outputs.append(env[out])
         graph.nodes.append(
             Node(eqn.primitive, inputs, tuple(outputs), dict(eqn.params), eqn.source_info, subgraphs,
-                 scope)
+                 scope, call_sources)
         )

@@ -37,16 +37,16 @@ def evaluate(plan: Plan, args: Sequence[Any], *, wrap_outputs: bool = True) -> l
             stabilized[atom] = _boundary(env[atom], plan.stabilize[atom])
         return stabilized[atom]
 
-    for i, node in enumerate(g.nodes):
-        site = plan.site_of_node.get(i)
-        if site is not None:
-            if i == site.nodes[-1]:
-                wrapped = _wrapped_operands(plan, site)
-                ops = [read(a, w) for a, w in zip(site.operands, wrapped)]
-                outs = site.rule(_site_call(plan, site), *ops)
-                for var, val in zip((site.output,) + site.extras, outs):
-                    env[var] = val
+    for step in plan.schedule:
+        if isinstance(step, Site):
+            site = step
+            wrapped = _wrapped_operands(plan, site)
+            ops = [read(a, w) for a, w in zip(site.operands, wrapped)]
+            outs = site.rule(_site_call(plan, site), *ops)
+            for var, val in zip((site.output,) + site.extras, outs):
+                env[var] = val
             continue
+        i, node = step, g.nodes[step]
         ins = [read(a, (i, p) in plan.wrapped_edges) for p, a in enumerate(node.inputs)]
         outs = _bind(node, ins, plan.subplans.get(i))
         for var, val in zip(node.outputs, outs):

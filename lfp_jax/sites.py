@@ -113,6 +113,7 @@ class Plan:
     wrapped_outputs: set  # graph output positions reading the stabilised value
     subplans: dict  # node index -> {param key: Plan | tuple[Plan, ...]}
     output_epsilon: dict  # output position -> ε of the block producing it (for the seed)
+    schedule: list = dataclasses.field(default_factory=list)  # node indices and Sites, in order
 
 
 VROOT, VSINK = -1, -2
@@ -173,7 +174,7 @@ def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
     if name in _compat.REMAT:
         return output_taint(node.subgraphs["jaxpr"], tin), {"jaxpr": tin}
     raise NoRuleError(
-        f"the higher-order primitive `{name}` at {_compat.source_line(node.source_info)} receives "
+        f"the higher-order primitive `{name}` at {node.where} receives "
         f"input-dependent values, and lfp_jax cannot look inside it (supported: jit, custom_jvp, "
         f"custom_vjp, scan, cond, while without input-dependent carries, remat). Move it out of the "
         f"model or apply it outside the function given to lfp_jax."
@@ -192,10 +193,6 @@ class _Analysis:
                 if isinstance(a, int):
                     self.uses.setdefault(a, set()).add(i)
         self.graph_outputs = {o for o in graph.outputs if isinstance(o, int)}
-        self.scope_sizes: dict = {}
-        for n in graph.nodes:
-            for entry in n.scope:
-                self.scope_sizes[entry] = self.scope_sizes.get(entry, 0) + 1
         self._relevance(out_relevant)
 
     # -- reachability ---------------------------------------------------------------------------
@@ -372,6 +369,10 @@ class _Analysis:
         g = self.g
         self._dominators()
         cats = {i: self.category(i) for i in self.rel_nodes if self._tin(i)}
+        self.scope_sizes: dict = {}
+        for i in cats:
+            for entry in g.nodes[i].scope:
+                self.scope_sizes[entry] = self.scope_sizes.get(entry, 0) + 1
         region_of: dict[int, tuple] = {}  # node -> (x, region set, y, kind, label)
         singles: dict[int, tuple[str, str]] = {}
         for i in sorted(cats, reverse=True):
@@ -424,9 +425,41 @@ class _Analysis:
             for r in site.nodes:
                 site_of_node[r] = site
         plan = Plan(g, self.tainted, sites, site_of_node, {}, set(), set(), {}, {})
+        plan.schedule = self._schedule(site_of_node)
         self._resolve_rules(plan, cats)
         self._subplans(plan)
         return plan
+
+    def _schedule(self, site_of_node: dict) -> list:
+        """A topological order of nodes in which each site is one step.
+
+        A site is evaluated as a whole, so values computed inside it (e.g. batch statistics that a
+        BatchNorm also stores) are available only after it; consumers outside wait for it.
+        """
+        g = self.g
+        unit = [site_of_node.get(i, i) for i in range(len(g.nodes))]
+        done, order = set(), []
+        for start in range(len(g.nodes)):
+            stack = [(unit[start], False)]
+            while stack:
+                u, expanded = stack.pop()
+                key = id(u) if isinstance(u, Site) else u
+                if key in done:
+                    continue
+                if expanded:
+                    done.add(key)
+                    order.append(u)
+                    continue
+                stack.append((u, True))
+                members = u.nodes if isinstance(u, Site) else (u,)
+                for r in members:
+                    for a in g.nodes[r].inputs:
+                        p = self.producer.get(a) if isinstance(a, int) else None
+                        if p is not None and unit[p] is not u:
+                            pu = unit[p]
+                            if (id(pu) if isinstance(pu, Site) else pu) not in done:
+                                stack.append((pu, False))
+        return order
 
     def _single_site(self, i: int, cats) -> Site | None:
         node, cat = self.g.nodes[i], cats[i]
@@ -488,8 +521,7 @@ class _Analysis:
         first = g.nodes[nodes[0]]
         return Site(
             kind=kind, label=label, nodes=tuple(nodes), operands=tuple(operands), output=output,
-            extras=extras, name_stack=_compat.name_stack(first.source_info),
-            source_line=_compat.source_line(first.source_info),
+            extras=extras, name_stack=first.path, source_line=first.where,
             primitives=tuple(g.nodes[r].name for r in nodes),
             carries_reward=tuple(carries[k] for k in order),
         )
@@ -556,7 +588,7 @@ class _Analysis:
             node = self.g.nodes[i]
             if node.name in _compat.WHILE:
                 raise UnsupportedControlFlowError(
-                    f"a while_loop at {_compat.source_line(node.source_info)} carries input-dependent "
+                    f"a while_loop at {node.where} carries input-dependent "
                     f"values. Reward cannot be propagated back through a loop whose trip count is only "
                     f"known at run time (JAX cannot reverse it either). Use lax.fori_loop with static "
                     f"bounds or lax.scan."
@@ -582,12 +614,15 @@ def _lca(a: int, b: int, parent: dict, depth: dict) -> int:
     return a
 
 
+# Checked in order; the first signature contained in a region's primitives names it.
 _ACTIVATION_SIGNATURES = [
-    ({"max"}, "relu"), ({"tanh"}, "tanh"), ({"logistic"}, "sigmoid"), ({"logistic", "mul"}, "silu"),
-    ({"erf"}, "gelu"), ({"integer_pow", "tanh"}, "gelu"), ({"expm1"}, "elu"), ({"log1p", "exp"}, "softplus"),
-    ({"sign"}, "step"), ({"gt", "convert_element_type"}, "step"), ({"ge", "convert_element_type"}, "step"),
-    ({"gt", "select_n"}, "step"), ({"ge", "select_n", "mul"}, "leaky_relu"),
+    ({"erf"}, "gelu"), ({"integer_pow", "tanh"}, "gelu"), ({"logistic", "mul"}, "silu"),
+    ({"expm1"}, "elu"), ({"log1p", "exp"}, "softplus"), ({"ge", "select_n", "mul"}, "leaky_relu"),
+    ({"gt", "select_n", "mul"}, "leaky_relu"), ({"convert_element_type"}, "step"),
+    ({"select_n"}, "step"), ({"sign"}, "step"), ({"tanh"}, "tanh"), ({"logistic"}, "sigmoid"),
+    ({"max"}, "relu"),
 ]
+_GENERIC_CALLS = _compat.INLINE_CALLS
 
 
 def _activation_label(g: Graph, nodes: list[int], scope_sizes: dict) -> str:
@@ -595,17 +630,19 @@ def _activation_label(g: Graph, nodes: list[int], scope_sizes: dict) -> str:
     guess from the primitives it contains."""
     common = set.intersection(*(set(g.nodes[r].scope) for r in nodes))
     for entry in g.nodes[nodes[0]].scope:
-        if entry in common and scope_sizes[entry] == len(nodes) and not entry[0].startswith("_"):
-            return entry[0]
+        name = entry[0]
+        if (entry in common and scope_sizes[entry] == len(nodes) and not name.startswith("_")
+                and name not in _GENERIC_CALLS):
+            return name
     names = {g.nodes[r].name for r in nodes}
-    for signature, label in _ACTIVATION_SIGNATURES[::-1]:
+    for signature, label in _ACTIVATION_SIGNATURES:
         if signature <= names:
             return label
     return "elementwise"
 
 
 def _norm_label(g: Graph, nodes: list[int], x: int) -> str:
-    stacks = " ".join(_compat.name_stack(g.nodes[r].source_info) for r in nodes)
+    stacks = " ".join(g.nodes[r].path for r in nodes)
     for word, label in (("BatchNorm", "batch_norm"), ("LayerNorm", "layer_norm"),
                         ("GroupNorm", "group_norm"), ("RMSNorm", "rms_norm")):
         if word in stacks:
@@ -618,8 +655,7 @@ def _norm_label(g: Graph, nodes: list[int], x: int) -> str:
 
 
 def _unknown_message(node: Node, combined: bool = False) -> str:
-    where = _compat.source_line(node.source_info)
-    path = _compat.name_stack(node.source_info)
+    where, path = node.where, node.path
     at = f"{where}" + (f" (in {path})" if path else "")
     if combined:
         return (

@@ -62,7 +62,9 @@ def torch_init(key: jax.Array, params: Any) -> Any:
     fan-in. Other leaves (normalisation scales and offsets, embeddings) are kept.
     """
     leaves, treedef = jtu.tree_flatten_with_path(params)
-    names = [tuple(_key_name(k) for k in path) for path, _ in leaves]
+    # nnx Variables add a trailing ``.value`` to the path of each array
+    names = [tuple(n for n in map(_key_name, path) if n not in ("value", "raw_value"))
+             for path, _ in leaves]
     fan_in = {}
     for name, (_, leaf) in zip(names, leaves):
         if name and name[-1] == "kernel" and jnp.ndim(leaf) >= 2:

@@ -1,0 +1,124 @@
+"""Theorem 1 of the LFP paper: on ReLU networks with the softmax-loss reward and ε → 0,
+LFP feedback equals ``-|θ| ⊙ ∇_θ Σ_batch CE``. The reference side is jax.grad of the cross-entropy."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import lfp_jax
+from _helpers import assert_theorem1, to64
+
+
+def _data(shape, classes, seed=0):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(kx, shape, jnp.float64), jax.random.randint(ky, shape[:1], 0, classes)
+
+
+def _init(model, x, seed=1, **kw):
+    variables = model.init(jax.random.key(seed), x, **kw)
+    params = lfp_jax.nn.torch_init(jax.random.key(seed + 1), variables["params"])
+    return to64(params), variables
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16)(x))
+        x = nn.relu(nn.Dense(12)(x))
+        return nn.Dense(4)(x)
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.relu(nn.Conv(6, (3, 3))(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(5)(x)
+
+
+class ResNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(10)(x))
+        for _ in range(2):
+            h = nn.relu(h + nn.Dense(10)(nn.relu(nn.Dense(10)(h))))
+        return nn.Dense(3)(h)
+
+
+class BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Conv(5, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(8)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(x)
+        return nn.Dense(3)(x)
+
+
+def test_theorem1_linen_mlp():
+    x, y = _data((8, 6), 4)
+    params, _ = _init(MLP(), x)
+    assert_theorem1(lambda p, x: MLP().apply({"params": p}, x), params, x, labels=y)
+
+
+def test_theorem1_linen_cnn_with_max_and_average_pooling():
+    x, y = _data((4, 8, 8, 2), 5)
+    params, _ = _init(CNN(), x)
+    assert_theorem1(lambda p, x: CNN().apply({"params": p}, x), params, x, labels=y)
+
+
+def test_theorem1_nnx_model():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(6, 16, rngs=rngs, param_dtype=jnp.float64)
+            self.l2 = nnx.Linear(16, 4, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, x):
+            return self.l2(nnx.relu(self.l1(x)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    state = lfp_jax.nn.torch_init(jax.random.key(3), state)
+    x, y = _data((8, 6), 4)
+    assert_theorem1(lambda s, x: nnx.merge(graphdef, s)(x), state, x, labels=y)
+
+
+def test_theorem1_plain_function_with_leaky_relu():
+    k = jax.random.split(jax.random.key(4), 4)
+    params = {
+        "w1": jax.random.normal(k[0], (6, 9), jnp.float64), "b1": jax.random.normal(k[1], (9,), jnp.float64),
+        "w2": jax.random.normal(k[2], (9, 3), jnp.float64), "b2": jax.random.normal(k[3], (3,), jnp.float64),
+    }
+
+    def fun(p, x):
+        return jax.nn.leaky_relu(x @ p["w1"] + p["b1"], 0.1) @ p["w2"] + p["b2"]
+
+    x, y = _data((7, 6), 3)
+    assert_theorem1(fun, params, x, labels=y)
+
+
+def test_theorem1_residual_network():
+    x, y = _data((6, 5), 3)
+    params, _ = _init(ResNet(), x)
+    assert_theorem1(lambda p, x: ResNet().apply({"params": p}, x), params, x, labels=y)
+
+
+def test_theorem1_batchnorm_in_train_mode():
+    x, y = _data((6, 6, 6, 2), 3)
+    params, variables = _init(BNNet(), x)
+    # non-trivial BatchNorm scales and offsets (PyTorch's defaults 1 and 0 would hide errors)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.3 * jax.random.normal(jax.random.key(len(str(path))), a.shape, a.dtype)
+        if "BatchNorm" in jax.tree_util.keystr(path) else a, params)
+    stats = variables["batch_stats"]
+
+    def fun(p, x):
+        return BNNet().apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+
+    assert_theorem1(fun, params, x, labels=y, has_aux=True, allow_frozen=True)
