@@ -136,7 +136,7 @@ def lfp_vjp(
         full = list(t.leaves)
         for k, v in zip(t.diff, diff_leaves):
             full[k] = v
-        outs = evaluate(t.plan, full, wrap_outputs=False)
+        outs = evaluate(t.plan, full)
         return [o for o, fl in zip(outs, t.float_out) if fl], outs
 
     float_outs, vjp_fn, outs = jax.vjp(f, *[t.leaves[k] for k in t.diff], has_aux=True)

@@ -22,7 +22,7 @@ from lfp_jax.rules import SiteCall, stabilize
 from lfp_jax.sites import Plan, Site
 
 
-def evaluate(plan: Plan, args: Sequence[Any], *, wrap_outputs: bool = True) -> list[Any]:
+def evaluate(plan: Plan, args: Sequence[Any]) -> list[Any]:
     """Evaluate ``plan.graph`` on ``args`` with the plan's rules; returns the graph outputs."""
     g = plan.graph
     env: dict[int, Any] = dict(zip(g.inputs, args))
@@ -52,7 +52,7 @@ def evaluate(plan: Plan, args: Sequence[Any], *, wrap_outputs: bool = True) -> l
         for var, val in zip(node.outputs, outs):
             if var is not None:
                 env[var] = val
-    return [read(o, wrap_outputs and p in plan.wrapped_outputs) for p, o in enumerate(g.outputs)]
+    return [read(o, p in plan.wrapped_outputs) for p, o in enumerate(g.outputs)]
 
 
 def _wrapped_operands(plan: Plan, site: Site) -> list[bool]:

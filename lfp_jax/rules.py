@@ -258,7 +258,7 @@ class LinearRule(Rule):
         z, vjp_a = jax.vjp(lambda acts_: z_of(acts_, w), acts)
         s = relevance / stabilize(z, self.epsilon)
         (ct_acts,) = vjp_a(s)
-        r_x = sum(sign * a * c for (a, _, sign), c in zip(self.terms(x, w), ct_acts))
+        r_x = sum(a * c for a, c in zip(acts, ct_acts))  # c already carries the term's sign
         _, vjp_w = jax.vjp(lambda weight: z_of(acts, weight), w)
         (c_w,) = vjp_w(s)
         return r_x, c_w

@@ -119,9 +119,23 @@ class Plan:
 VROOT, VSINK = -1, -2
 
 
-def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], composite: Any) -> Plan:
-    """Find the sites of ``graph`` (inputs tainted per ``in_taint``), resolve their rules."""
-    return _Analysis(graph, in_taint, out_relevant, composite).run()
+def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], composite: Any, *,
+            in_eps: list | None = None, wrap_out: list | None = None) -> Plan:
+    """Find the sites of ``graph`` and resolve their rules.
+
+    Args:
+      graph: the flattened model.
+      in_taint: per input, whether it is input-dependent (carries reward).
+      out_relevant: per output, whether it receives reward.
+      composite: chooses the rule of each site.
+      in_eps: per input, the ε of the block whose not-yet-stabilised output it is (sub-graphs).
+      wrap_out: per output, stabilise a pending block output inside this graph (default: no, its ε
+        is reported in ``Plan.output_epsilon`` for the caller: the seed, or the enclosing graph).
+    """
+    n_in, n_out = len(graph.inputs), len(graph.outputs)
+    return _Analysis(graph, in_taint, out_relevant, composite,
+                     list(in_eps) if in_eps is not None else [None] * n_in,
+                     list(wrap_out) if wrap_out is not None else [False] * n_out).run()
 
 
 def output_taint(graph: Graph, in_taint: list[bool]) -> list[bool]:
@@ -182,8 +196,9 @@ def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
 
 
 class _Analysis:
-    def __init__(self, graph: Graph, in_taint, out_relevant, composite):
+    def __init__(self, graph: Graph, in_taint, out_relevant, composite, in_eps, wrap_out):
         self.g = graph
+        self.in_eps, self.wrap_out = in_eps, wrap_out
         self.composite = composite
         self.tainted, self.sub_in = _taint(graph, in_taint)
         self.producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o is not None}
@@ -427,7 +442,6 @@ class _Analysis:
         plan = Plan(g, self.tainted, sites, site_of_node, {}, set(), set(), {}, {})
         plan.schedule = self._schedule(site_of_node)
         self._resolve_rules(plan, cats)
-        self._subplans(plan)
         return plan
 
     def _schedule(self, site_of_node: dict) -> list:
@@ -532,78 +546,114 @@ class _Analysis:
     # -- rules and block boundaries -------------------------------------------------------------
 
     def _resolve_rules(self, plan: Plan, cats) -> None:
+        """Choose each site's rule, then walk the graph placing block-output stabilisers.
+
+        ``eps[v]`` is the ε of the block whose output ``v`` is, while that output has not entered
+        another block yet. An edge from such a value into a block (a linear, sum, pool, normalisation
+        ... site) passes it through the stabiliser; an activation takes the ε into its own
+        ``φ(x)/stab(x)``; affine, structural and routing primitives extend the block.
+        """
         g = self.g
         for site in plan.sites:
             site.rule = self.composite.resolve(site)
-        owner: dict[int, Site] = {}
-        for i in sorted(cats):
-            node, site = g.nodes[i], plan.site_of_node.get(i)
-            if site is not None and i == site.nodes[-1]:
+        eps: dict[int, float] = {
+            v: e for v, e in zip(g.inputs, self.in_eps) if e is not None and v in self.tainted}
+
+        def pending(a):
+            return eps.get(a) if isinstance(a, int) and is_float(g.aval(a)) else None
+
+        def wrap(i, pos, a):
+            e = pending(a)
+            if e is not None:
+                plan.stabilize[a] = e
+                plan.wrapped_edges.add((i, pos))
+
+        for step in plan.schedule:
+            if isinstance(step, Site):
+                site = step
                 if site.kind == "activation":
-                    x = site.operands[0]
-                    src = owner.get(x)
-                    eps = src.rule.output_epsilon if src is not None else None
-                    site.input_epsilon = self.composite.epsilon if eps is None else eps
-                if site.kind in ("linear", "sum", "pool", "normalization", "softmax", "bilinear"):
-                    owner[site.output] = site
-                elif site.kind in ("max_pool", "dropout") and site.operands[0] in owner:
-                    owner[site.output] = owner[site.operands[0]]
-            elif site is None and cats[i] in ("affine", "structural", "routing"):
+                    e = pending(site.operands[0])
+                    site.input_epsilon = self.composite.epsilon if e is None else e
+                elif site.kind in _BLOCK_KINDS:
+                    inside = {o for r in site.nodes for o in g.nodes[r].outputs}
+                    for r in site.nodes:
+                        for pos, a in enumerate(g.nodes[r].inputs):
+                            if not (isinstance(a, int) and a in inside):
+                                wrap(r, pos, a)
+                e = site.rule.output_epsilon if site.kind in _BLOCK_KINDS else pending(site.operands[0])
+                if e is not None and site.kind in _BLOCK_KINDS + ("max_pool", "dropout"):
+                    eps[site.output] = e
+                continue
+            i = step
+            cat = cats.get(i)
+            if cat in ("affine", "structural", "routing"):
                 tin = [a for a in self._tin(i) if is_float(g.aval(a))]
-                if len(tin) == 1 and tin[0] in owner:
-                    for o in node.outputs:
+                if len(tin) == 1 and pending(tin[0]) is not None:
+                    for o in g.nodes[i].outputs:
                         if o is not None:
-                            owner[o] = owner[tin[0]]
-        for i in sorted(cats):
-            site = plan.site_of_node.get(i)
-            starts_block = (site is None and cats[i] == "control") or (
-                site is not None and site.kind in ("linear", "sum", "pool", "normalization",
-                                                   "softmax", "bilinear", "nonlinear"))
-            if not starts_block:
-                continue
-            for pos, a in enumerate(g.nodes[i].inputs):
-                if site is not None and isinstance(a, int) and a in {
-                        o for r in site.nodes for o in g.nodes[r].outputs}:
-                    continue  # an edge inside the site
-                eps = self._owner_epsilon(owner, a)
-                if eps is not None:
-                    plan.stabilize[a] = eps
-                    plan.wrapped_edges.add((i, pos))
+                            eps[o] = eps[tin[0]]
+            elif cat == "control":
+                self._control_flow(plan, i, pending, wrap, eps)
         for pos, o in enumerate(g.outputs):
-            eps = self._owner_epsilon(owner, o)
-            if eps is not None:
-                plan.output_epsilon[pos] = eps
-                plan.stabilize[o] = eps
-                plan.wrapped_outputs.add(pos)
-
-    def _owner_epsilon(self, owner, a) -> float | None:
-        if not (isinstance(a, int) and a in owner and is_float(self.g.avals[a])):
-            return None
-        return owner[a].rule.output_epsilon
-
-    def _subplans(self, plan: Plan) -> None:
-        for i, sub_in in self.sub_in.items():
-            if i not in self.rel_nodes:
+            e = pending(o)
+            if e is None:
                 continue
-            node = self.g.nodes[i]
-            if node.name in _compat.WHILE:
-                raise UnsupportedControlFlowError(
-                    f"a while_loop at {node.where} carries input-dependent "
-                    f"values. Reward cannot be propagated back through a loop whose trip count is only "
-                    f"known at run time (JAX cannot reverse it either). Use lax.fori_loop with static "
-                    f"bounds or lax.scan."
-                )
-            plan.subplans[i] = {}
-            for key, taint in sub_in.items():
-                sub = node.subgraphs[key]
-                if isinstance(sub, tuple):
-                    plan.subplans[i][key] = tuple(_subplan(s, taint, self.composite) for s in sub)
-                else:
-                    plan.subplans[i][key] = _subplan(sub, taint, self.composite)
+            if self.wrap_out[pos]:
+                plan.stabilize[o] = e
+                plan.wrapped_outputs.add(pos)
+            else:
+                plan.output_epsilon[pos] = e
+
+    def _control_flow(self, plan: Plan, i: int, pending, wrap, eps) -> None:
+        """Analyse the sub-graphs of a control-flow node; block state flows into and out of them."""
+        node = self.g.nodes[i]
+        sub_in = self.sub_in.get(i)
+        if sub_in is None:
+            return
+        if node.name in _compat.WHILE:
+            raise UnsupportedControlFlowError(
+                f"a while_loop at {node.where} carries input-dependent values. Reward cannot be "
+                f"propagated back through a loop whose trip count is only known at run time (JAX "
+                f"cannot reverse it either). Use lax.fori_loop with static bounds, or lax.scan."
+            )
+        in_eps = [pending(a) for a in node.inputs]
+        n_out = len(node.outputs)
+        outs: list[float | None]
+        if node.name in _compat.SCAN:
+            n_consts, n_carry = _compat.scan_layout(node.params)
+            for pos in range(n_consts, n_consts + n_carry):  # carries: stabilise on both sides
+                wrap(i, pos, node.inputs[pos])
+                in_eps[pos] = None
+            body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], self.composite, in_eps,
+                            [k < n_carry for k in range(n_out)])
+            plan.subplans[i] = {"jaxpr": body}
+            outs = [body.output_epsilon.get(k) for k in range(n_out)]
+        elif node.name in _compat.COND:
+            branches = node.subgraphs["branches"]
+            plans = [_subplan(b, sub_in["branches"], self.composite, in_eps[1:], [False] * n_out)
+                     for b in branches]
+            agree = [len({p.output_epsilon.get(k) for p in plans}) == 1 for k in range(n_out)]
+            if not all(agree):
+                plans = [_subplan(b, sub_in["branches"], self.composite, in_eps[1:],
+                                  [not a for a in agree]) for b in branches]
+            plan.subplans[i] = {"branches": tuple(plans)}
+            outs = [plans[0].output_epsilon.get(k) for k in range(n_out)]
+        else:  # remat
+            body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], self.composite, in_eps,
+                            [False] * n_out)
+            plan.subplans[i] = {"jaxpr": body}
+            outs = [body.output_epsilon.get(k) for k in range(n_out)]
+        for o, e in zip(node.outputs, outs):
+            if o is not None and e is not None:
+                eps[o] = e
 
 
-def _subplan(graph: Graph, taint: list[bool], composite: Any) -> Plan:
-    return analyse(graph, taint, output_taint(graph, taint), composite)
+_BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear", "nonlinear")
+
+
+def _subplan(graph: Graph, taint: list[bool], composite: Any, in_eps: list, wrap_out: list) -> Plan:
+    return analyse(graph, taint, output_taint(graph, taint), composite, in_eps=in_eps,
+                   wrap_out=wrap_out)
 
 
 def _lca(a: int, b: int, parent: dict, depth: dict) -> int:
