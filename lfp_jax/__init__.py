@@ -7,6 +7,7 @@ from lfp_jax import composites, errors, nn, rewards, rules, sites
 from lfp_jax.api import (
     check_params,
     describe,
+    find_sites,
     lfp_grad,
     lfp_value_and_feedback,
     lfp_value_and_grad,
@@ -25,6 +26,7 @@ __all__ = [
     "composites",
     "describe",
     "errors",
+    "find_sites",
     "lfp_epsilon",
     "lfp_grad",
     "lfp_value_and_feedback",

@@ -160,7 +160,8 @@ class Gradient(Rule):
     """
 
     kinds: ClassVar[frozenset[str]] = frozenset(
-        {"linear", "sum", "pool", "normalization", "activation", "max_pool", "dropout"}
+        {"linear", "sum", "pool", "normalization", "activation", "max_pool", "dropout", "softmax",
+         "bilinear", "nonlinear"}
     )
 
 

@@ -325,9 +325,9 @@ class _Analysis:
             v = self.idom[v]
         return v
 
-    def _grow(self, n: int) -> tuple[int, set[int], int] | None:
-        """The smallest single-input, single-output region around node ``n`` (None if none)."""
-        region = {n}
+    def _grow(self, region: set[int]) -> tuple[int, set[int], int] | None:
+        """The smallest single-input, single-output region containing ``region`` (None if none)."""
+        region = set(region)
         while True:
             ext = [u for r in region for u in self._tin(r) if self.producer.get(u) not in region]
             x = self._float_dominator(functools.reduce(self._lca_dom, ext))
@@ -396,14 +396,22 @@ class _Analysis:
                 continue
             if cat == "unknown":
                 raise NoRuleError(_unknown_message(g.nodes[i]))
-            grown = None if cat == "bilinear" else self._grow(i)
+            grown = None if cat == "bilinear" else self._grow({i})
             kind = None
-            if grown is not None:
+            for _ in range(3):  # e.g. exp(x)/Σexp(x): the division alone is no known block
+                if grown is None:
+                    break
                 x, region, y = grown
                 for r in list(region):  # absorb regions found earlier that this one overlaps
                     if r in region_of:
                         region |= region_of[r][1]
                 kind, label = self._classify_region(x, region, y)
+                if kind != "nonlinear" or x not in self.producer:
+                    break
+                wider = self._grow(region | {self.producer[x]})
+                if wider is None:
+                    break
+                grown = wider
             if kind in ("activation", "normalization", "softmax"):
                 info = (x, region, y, kind, label)
                 for r in region:
@@ -666,7 +674,7 @@ def _lca(a: int, b: int, parent: dict, depth: dict) -> int:
 
 # Checked in order; the first signature contained in a region's primitives names it.
 _ACTIVATION_SIGNATURES = [
-    ({"erf"}, "gelu"), ({"integer_pow", "tanh"}, "gelu"), ({"logistic", "mul"}, "silu"),
+    ({"erf"}, "gelu"), ({"erfc"}, "gelu"), ({"integer_pow", "tanh"}, "gelu"), ({"logistic", "mul"}, "silu"),
     ({"expm1"}, "elu"), ({"log1p", "exp"}, "softplus"), ({"ge", "select_n", "mul"}, "leaky_relu"),
     ({"gt", "select_n", "mul"}, "leaky_relu"), ({"convert_element_type"}, "step"),
     ({"select_n"}, "step"), ({"sign"}, "step"), ({"tanh"}, "tanh"), ({"logistic"}, "sigmoid"),

@@ -1,0 +1,122 @@
+"""Every error path says what is wrong, where, and how to fix it."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import lfp_jax
+from lfp_jax import Match, errors, rewards, rules
+
+P = {"w": jnp.ones((3, 2)) * 0.5, "b": jnp.ones((2,)) * 0.1}
+X = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+Y = jnp.array([0, 1, 0, 1])
+
+
+def _feedback(fun, params=P, x=X, **kw):
+    return lfp_jax.lfp_value_and_feedback(fun, lambda z: rewards.softmax_loss(z, Y), **kw)(params, x)
+
+
+def test_unknown_input_dependent_primitive_is_named_with_the_users_line():
+    def fun(p, x):
+        return jnp.sort(x @ p["w"] + p["b"], axis=-1)  # line of the error
+
+    with pytest.raises(errors.NoRuleError) as info:
+        _feedback(fun)
+    msg = str(info.value)
+    assert "`sort`" in msg and "test_errors.py" in msg and "register_primitive" in msg
+
+
+def test_registering_a_primitive_makes_it_usable():
+    def fun(p, x):
+        return jnp.sort(x @ p["w"] + p["b"], axis=-1)
+
+    lfp_jax.sites.register_primitive("sort", "structural")  # sorting only moves values
+    try:
+        _, fb = _feedback(fun)
+        assert jnp.all(jnp.isfinite(fb["w"]))
+    finally:
+        lfp_jax.sites.STRUCTURAL.discard("sort")
+
+
+def test_data_dependent_while_loop_is_refused():
+    def fun(p, x):
+        h = x @ p["w"] + p["b"]
+        return jax.lax.while_loop(lambda h: jnp.sum(h) < 100.0, lambda h: 2.0 * h + 1.0, h)
+
+    with pytest.raises(errors.UnsupportedControlFlowError, match="fori_loop"):
+        _feedback(fun)
+
+
+def test_integer_inputs_get_a_clear_message():
+    emb = {"e": jnp.ones((10, 3)) * 0.3, "w": jnp.ones((3, 2))}
+
+    def fun(p, tokens):
+        return p["e"][tokens].sum(1) @ p["w"]
+
+    with pytest.raises(errors.LFPError, match="no floating-point input"):
+        _feedback(fun, emb, jnp.array([[1, 2], [3, 4], [5, 6], [7, 8]]))
+
+
+def test_reward_of_the_wrong_shape_is_refused():
+    g = lfp_jax.lfp_value_and_feedback(lambda p, x: x @ p["w"], lambda z: z[:, :1])
+    with pytest.raises(errors.RewardError, match="shape"):
+        g(P, X)
+
+
+def test_reward_of_the_wrong_structure_is_refused():
+    g = lfp_jax.lfp_value_and_feedback(lambda p, x: x @ p["w"], lambda z: (z, z))
+    with pytest.raises(errors.RewardError, match="structure"):
+        g(P, X)
+
+
+def test_all_zero_parameters_are_reported_by_path():
+    params = {"w": P["w"], "b": jnp.zeros((2,))}
+    with pytest.raises(errors.FrozenParameterError, match=r"\['b'\]"):
+        _feedback(lambda p, x: x @ p["w"] + p["b"], params)
+    _, fb = _feedback(lambda p, x: x @ p["w"] + p["b"], params, allow_frozen=True)
+    assert jnp.all(fb["b"] == 0)
+
+
+def test_product_of_two_inputs_has_no_default_rule():
+    def fun(p, x):
+        q, k = x @ p["w"], x @ p["w"] + p["b"]
+        return jnp.einsum("bi,bj->bij", q, k).sum(-1)   # attention-like q·kᵀ
+
+    with pytest.raises(errors.NoRuleError, match="'bilinear' site"):
+        _feedback(fun)
+
+
+def test_softmax_inside_the_model_has_no_default_rule():
+    with pytest.raises(errors.NoRuleError, match="'softmax' site"):
+        _feedback(lambda p, x: jax.nn.softmax(x @ p["w"] + p["b"]) @ jnp.eye(2))
+
+
+def test_explicit_gradient_rule_unlocks_a_site():
+    composite = lfp_jax.lfp_epsilon().with_rules((Match(kind="softmax"), rules.Gradient()))
+    _, fb = _feedback(lambda p, x: jax.nn.softmax(x @ p["w"] + p["b"]) @ jnp.eye(2), composite=composite)
+    assert jnp.all(jnp.isfinite(fb["w"]))
+
+
+def test_rule_for_the_wrong_site_kind_is_refused():
+    composite = lfp_jax.lfp_epsilon().with_rules((Match(), rules.Identity()))
+    with pytest.raises(errors.NoRuleError, match="only applies to"):
+        _feedback(lambda p, x: jnp.tanh(x @ p["w"]), composite=composite)
+
+
+def test_integer_parameters_are_refused():
+    with pytest.raises(errors.LFPError, match="floating-point parameters"):
+        _feedback(lambda p, x: x @ p["w"] * p["n"], {"w": P["w"], "n": jnp.array(2)})
+
+
+def test_bad_argnums_and_has_aux_are_refused():
+    with pytest.raises(ValueError, match="argnums"):
+        lfp_jax.lfp_vjp(lambda p, x: x @ p["w"], P, X, argnums=5)
+    with pytest.raises(errors.LFPError, match="has_aux"):
+        lfp_jax.lfp_vjp(lambda p, x: x @ p["w"], P, X, has_aux=True)
+    with pytest.raises(TypeError, match="callable"):
+        lfp_jax.lfp_vjp("not a function", P, X)
+
+
+def test_bad_labels_for_a_reward_are_refused():
+    with pytest.raises(ValueError, match="class indices"):
+        rewards.softmax_loss(jnp.zeros((4, 3)), jnp.zeros((4, 2)))

@@ -1,0 +1,117 @@
+"""The site finder recognises layers, activations, normalisations and pooling in jaxprs, and
+describe() shows the user's source lines."""
+
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+import lfp_jax
+
+P = {"w1": jnp.ones((4, 5)) * 0.3, "b1": jnp.ones((5,)) * 0.1, "w2": jnp.ones((5, 3)) * 0.2}
+X = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
+
+
+def _kinds(fun, params=P, x=X, **kw):
+    return [(s.kind, s.label) for s in lfp_jax.find_sites(fun, params, x, **kw)]
+
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "elu": jax.nn.elu,
+    "gelu": jax.nn.gelu,
+    "gelu_exact": lambda z: jax.nn.gelu(z, approximate=False),
+    "silu": jax.nn.silu,
+    "softplus": jax.nn.softplus,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "step_astype": lambda z: (z > 0).astype(z.dtype),
+    "step_where": lambda z: jnp.where(z > 0, 1.0, 0.0),
+    "step_heaviside": lambda z: jnp.heaviside(z, 0.0),
+    "step_sign": jnp.sign,
+    "square": lambda z: z * z,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_is_one_site_between_two_dense_layers(name):
+    act = ACTIVATIONS[name]
+    kinds = _kinds(lambda p, x: act(x @ p["w1"] + p["b1"]) @ p["w2"])
+    assert [k for k, _ in kinds] == ["linear", "activation", "linear"], kinds
+    expected = {"gelu_exact": "gelu", "step_astype": "step", "step_where": "step",
+                "step_heaviside": "heaviside", "step_sign": "step", "square": "elementwise"}.get(name, name)
+    assert kinds[1][1] == expected
+
+
+def test_linen_cnn_sites_in_order():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3))(x)
+            x = nn.BatchNorm(use_running_average=False)(x)
+            x = nn.relu(x)
+            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = nn.avg_pool(x, (2, 2), (2, 2)).reshape(x.shape[0], -1)
+            x = nn.LayerNorm()(nn.Dense(6)(x))
+            x = nn.Dropout(0.5, deterministic=False)(x)
+            return nn.Dense(3)(x)
+
+    x = jnp.ones((2, 8, 8, 1))
+    v = Net().init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+
+    def fun(params, x, key):
+        return Net().apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                           rngs={"dropout": key}, mutable=["batch_stats"])
+
+    sites = lfp_jax.find_sites(fun, v["params"], x, jax.random.key(2), has_aux=True)
+    assert [(s.kind, s.label) for s in sites] == [
+        ("linear", "conv"), ("normalization", "batch_norm"), ("activation", "relu"),
+        ("max_pool", "max_pool"), ("pool", "avg_pool"), ("linear", "dense"),
+        ("normalization", "layer_norm"), ("dropout", "dropout"), ("linear", "dense")]
+    assert [s.name_stack for s in sites][:2] == ["Net/Conv_0", "Net/BatchNorm_0"]
+
+
+def test_batchnorm_in_eval_mode_is_part_of_the_affine_block():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(5)(x))))
+
+    v = Net().init(jax.random.key(0), X)
+    kinds = [s.kind for s in lfp_jax.find_sites(lambda p, x: Net().apply(p, x), v, X)]
+    assert kinds == ["linear", "activation", "linear"]
+
+
+def test_residual_sum_and_mean_are_epsilon_sites():
+    def fun(p, x):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        h = h + jnp.tanh(h)
+        return jnp.mean(h, axis=-1, keepdims=True) * jnp.ones((1, 3))
+
+    kinds = _kinds(fun)
+    assert ("sum", "sum") in kinds and ("pool", "reduce_sum") in kinds
+
+
+def test_describe_points_at_the_users_lines():
+    def fun(p, x):
+        h = jax.nn.relu(x @ p["w1"] + p["b1"])
+        return h @ p["w2"]
+
+    first = inspect.getsourcelines(fun)[1]
+    table = lfp_jax.describe(fun, P, X)
+    assert f"test_sites.py:{first + 1}" in table and f"test_sites.py:{first + 2}" in table
+    assert "Identity" in table and "Epsilon(epsilon=1e-06)" in table and "relu" in table
+
+
+def test_sites_inside_scan_are_found():
+    def fun(p, x):
+        def body(h, _):
+            return jnp.tanh(h @ jnp.eye(4) + 0.1), None
+        h, _ = jax.lax.scan(body, x, None, length=2)
+        return h @ p["w1"]
+
+    kinds = [s.kind for s in lfp_jax.find_sites(fun, P, X)]
+    assert kinds == ["linear", "activation", "linear"]
