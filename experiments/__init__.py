@@ -1,0 +1,1 @@
+"""Experiments with lfp_jax: demos, training runs and studies (run from the repository root)."""
