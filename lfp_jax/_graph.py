@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Union
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,7 +29,7 @@ class Lit:
     aval: Any
 
 
-Atom = Union[int, Lit]
+Atom = int | Lit
 
 
 @dataclasses.dataclass(eq=False)

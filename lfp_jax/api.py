@@ -14,7 +14,8 @@ networks with the softmax-loss reward and ε → 0 the feedback equals ``-|θ| �
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lfp_jax import rules as R
 from lfp_jax.errors import NoRuleError
@@ -65,7 +66,7 @@ class Composite:
     epsilon: float = 1e-6
     name: str = "custom"
 
-    def with_rules(self, *pairs: tuple[Match, R.Rule]) -> "Composite":
+    def with_rules(self, *pairs: tuple[Match, R.Rule]) -> Composite:
         """A copy with ``pairs`` appended (they take precedence)."""
         return dataclasses.replace(self, entries=self.entries + tuple(pairs))
 

@@ -11,7 +11,8 @@ primitives are re-bound with their sub-jaxprs rewritten the same way, so ``scan`
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from jax.extend import core as jex

@@ -39,7 +39,8 @@ rule                  site kinds              backward
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +89,15 @@ class Rule:
         return call.fn(*operands)
 
 
-def _with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable) -> tuple:
-    """Evaluate ``call.fn`` with ``backward(operands, outputs, ct_out) -> list of operand cts``."""
+def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable) -> tuple:
+    """Evaluate a site with a custom backward pass: the building block of site-local rules.
+
+    ``backward(operands, outputs, ct)`` receives the site's operands and outputs (saved from the
+    forward pass) and the normalised reward ``c_y`` at its first output, and returns one cotangent
+    per operand in the normalised form (``R = value ⊙ c``); entries for operands that carry no reward
+    are ignored (return ``None``). Anything the rule needs (modified forward passes, state such as a
+    membrane potential) is computed inside ``backward`` from the saved values.
+    """
 
     @jax.custom_vjp
     def site(*ops):
@@ -149,7 +157,7 @@ class Identity(Rule):
             x, y = ops[0], outs[0]
             return [ct * y / stabilize(x, eps)] + [None] * (len(ops) - 1)
 
-        return _with_backward(call, operands, backward)
+        return with_backward(call, operands, backward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +208,7 @@ class Dropout(Rule):
             grads[index] = r_x / stabilize(ops[index], self.epsilon)
             return grads
 
-        return _with_backward(call, operands, backward)
+        return with_backward(call, operands, backward)
 
 
 # --- classic LRP rules on linear sites -------------------------------------------------------------
@@ -249,7 +257,7 @@ class LinearRule(Rule):
             grads[wi] = c_w
             return grads
 
-        return _with_backward(call, operands, backward)
+        return with_backward(call, operands, backward)
 
     def _propagate(self, f, x, w, relevance):
         def z_of(activations, weight):

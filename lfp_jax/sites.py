@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from lfp_jax import _compat
 from lfp_jax._graph import Graph, Lit, Node, is_float
@@ -731,11 +732,11 @@ def _unknown_message(node: Node, combined: bool = False) -> str:
 
 def iter_sites(plan: Plan, depth: int = 0) -> Iterable[tuple[int, Site]]:
     """All sites of a plan and its sub-plans, with their nesting depth."""
-    for i, node in enumerate(plan.graph.nodes):
-        site = plan.site_of_node.get(i)
-        if site is not None and i == site.nodes[-1]:
-            yield depth, site
-        for sub in plan.subplans.get(i, {}).values():
+    for step in plan.schedule:
+        if isinstance(step, Site):
+            yield depth, step
+            continue
+        for sub in plan.subplans.get(step, {}).values():
             for s in sub if isinstance(sub, tuple) else (sub,):
                 yield from iter_sites(s, depth + 1)
 

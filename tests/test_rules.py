@@ -218,3 +218,26 @@ def test_gradient_rule_is_the_plain_vjp_when_asked_for():
     # c at the logits is r / z; the plain VJP of the whole net gives c_x = Jᵀ c
     _, vjp = jax.vjp(functools.partial(fun, p), jnp.asarray(x))
     np.testing.assert_allclose(rel, x * vjp(r / out)[0], rtol=1e-10)
+
+
+def test_a_user_defined_site_local_rule_plugs_into_a_composite():
+    """The Rule protocol: a rule with its own backward (here R_x = R_y / 2 at tanh) needs no engine change."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfIdentity(rules.Rule):
+        kinds = frozenset({"activation"})
+
+        def __call__(self, call, *operands):
+            def backward(ops, outs, ct):
+                return [0.5 * ct * outs[0] / rules.stabilize(ops[0], call.input_epsilon)]
+
+            return rules.with_backward(call, operands, backward)
+
+    p = {"w": _rand(0, 3, 4), "v": _rand(1, 4, 2)}
+    x, r = _rand(2, 1, 3), _rand(3, 1, 2)
+    fun = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]  # noqa: E731
+    plain = _run(fun, p, x, r)[2]
+    halved = _run(fun, p, x, r, composite=lfp_jax.lfp_epsilon().with_rules(
+        (Match(label="tanh"), HalfIdentity())))[2]
+    np.testing.assert_allclose(halved, 0.5 * plain, rtol=1e-10)

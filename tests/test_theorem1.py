@@ -4,10 +4,10 @@ LFP feedback equals ``-|θ| ⊙ ∇_θ Σ_batch CE``. The reference side is jax.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from _helpers import assert_theorem1, to64
 from flax import nnx
 
 import lfp_jax
-from _helpers import assert_theorem1, to64
 
 
 def _data(shape, classes, seed=0):
@@ -122,3 +122,17 @@ def test_theorem1_batchnorm_in_train_mode():
         return BNNet().apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
 
     assert_theorem1(fun, params, x, labels=y, has_aux=True, allow_frozen=True)
+
+
+def test_theorem1_batchnorm_in_eval_mode():
+    x, y = _data((6, 6, 6, 2), 3)
+    params, variables = _init(BNNet(), x, train=False)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.3 * jax.random.normal(jax.random.key(len(str(path))), a.shape, a.dtype)
+        if "BatchNorm" in jax.tree_util.keystr(path) else a, params)
+    stats = jax.tree.map(lambda a: a + 0.5, to64(variables["batch_stats"]))  # non-trivial statistics
+
+    def fun(p, x):
+        return BNNet().apply({"params": p, "batch_stats": stats}, x, train=False)
+
+    assert_theorem1(fun, params, x, labels=y)
