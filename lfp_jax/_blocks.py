@@ -1,0 +1,130 @@
+"""Blocks: where the ε stabiliser of a block's rule is applied.
+
+A linear site (or a normalisation, a residual sum, a pooling) starts a block that extends through
+following affine, structural and routing primitives (``x @ W`` then ``+ b``). Its output is
+stabilised, ``c ← c · y / (y + ε·sign(y))`` in the backward pass, where it enters the next block; an
+activation applies the same ε in its own ``φ(x)/stab(x)``. This state flows into and out of
+``scan``/``cond``/``remat`` bodies, whose sub-graphs are analysed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lfp_jax import _compat
+from lfp_jax._dataflow import output_taint
+from lfp_jax._graph import Graph, is_float
+from lfp_jax.errors import UnsupportedControlFlowError
+
+
+def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out: list) -> None:
+    """Choose each site's rule, then walk the graph placing block-output stabilisers.
+
+    ``eps[v]`` is the ε of the block whose output ``v`` is, while that output has not entered
+    another block yet. An edge from such a value into a block (a linear, sum, pool, normalisation
+    ... site) passes it through the stabiliser; an activation takes the ε into its own
+    ``φ(x)/stab(x)``; affine, structural and routing primitives extend the block.
+    """
+    g = flow.g
+    for site in plan.sites:
+        site.rule = composite.resolve(site)
+    eps: dict[int, float] = {
+        v: e for v, e in zip(g.inputs, in_eps) if e is not None and v in flow.tainted}
+
+    def pending(a):
+        return eps.get(a) if isinstance(a, int) and is_float(g.aval(a)) else None
+
+    def wrap(i, pos, a):
+        e = pending(a)
+        if e is not None:
+            plan.stabilize[a] = e
+            plan.wrapped_edges.add((i, pos))
+
+    for step in plan.schedule:
+        if not isinstance(step, int):  # a Site
+            site = step
+            if site.kind == "activation":
+                e = pending(site.operands[0])
+                site.input_epsilon = composite.epsilon if e is None else e
+            elif site.kind in _BLOCK_KINDS:
+                inside = {o for r in site.nodes for o in g.nodes[r].outputs}
+                for r in site.nodes:
+                    for pos, a in enumerate(g.nodes[r].inputs):
+                        if not (isinstance(a, int) and a in inside):
+                            wrap(r, pos, a)
+            e = site.rule.output_epsilon if site.kind in _BLOCK_KINDS else pending(site.operands[0])
+            if e is not None and site.kind in _BLOCK_KINDS + ("max_pool", "dropout"):
+                eps[site.output] = e
+            continue
+        i = step
+        cat = cats.get(i)
+        if cat in ("affine", "structural", "routing"):
+            tin = [a for a in flow._tin(i) if is_float(g.aval(a))]
+            if len(tin) == 1 and pending(tin[0]) is not None:
+                for o in g.nodes[i].outputs:
+                    if o is not None:
+                        eps[o] = eps[tin[0]]
+        elif cat == "control":
+            _control_flow(flow, plan, i, pending, wrap, eps, composite)
+    for pos, o in enumerate(g.outputs):
+        e = pending(o)
+        if e is None:
+            continue
+        if wrap_out[pos]:
+            plan.stabilize[o] = e
+            plan.wrapped_outputs.add(pos)
+        else:
+            plan.output_epsilon[pos] = e
+
+def _control_flow(flow, plan, i: int, pending, wrap, eps, composite) -> None:
+    """Analyse the sub-graphs of a control-flow node; block state flows into and out of them."""
+    node = flow.g.nodes[i]
+    sub_in = flow.sub_in.get(i)
+    if sub_in is None:
+        return
+    if node.name in _compat.WHILE:
+        raise UnsupportedControlFlowError(
+            f"a while_loop at {node.where} carries input-dependent values. Reward cannot be "
+            f"propagated back through a loop whose trip count is only known at run time (JAX "
+            f"cannot reverse it either). Use lax.fori_loop with static bounds, or lax.scan."
+        )
+    in_eps = [pending(a) for a in node.inputs]
+    n_out = len(node.outputs)
+    outs: list[float | None]
+    if node.name in _compat.SCAN:
+        n_consts, n_carry = _compat.scan_layout(node.params)
+        for pos in range(n_consts, n_consts + n_carry):  # carries: stabilise on both sides
+            wrap(i, pos, node.inputs[pos])
+            in_eps[pos] = None
+        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], composite, in_eps,
+                        [k < n_carry for k in range(n_out)])
+        plan.subplans[i] = {"jaxpr": body}
+        outs = [body.output_epsilon.get(k) for k in range(n_out)]
+    elif node.name in _compat.COND:
+        branches = node.subgraphs["branches"]
+        plans = [_subplan(b, sub_in["branches"], composite, in_eps[1:], [False] * n_out)
+                 for b in branches]
+        agree = [len({p.output_epsilon.get(k) for p in plans}) == 1 for k in range(n_out)]
+        if not all(agree):
+            plans = [_subplan(b, sub_in["branches"], composite, in_eps[1:],
+                              [not a for a in agree]) for b in branches]
+        plan.subplans[i] = {"branches": tuple(plans)}
+        outs = [plans[0].output_epsilon.get(k) for k in range(n_out)]
+    else:  # remat
+        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], composite, in_eps,
+                        [False] * n_out)
+        plan.subplans[i] = {"jaxpr": body}
+        outs = [body.output_epsilon.get(k) for k in range(n_out)]
+    for o, e in zip(node.outputs, outs):
+        if o is not None and e is not None:
+            eps[o] = e
+
+
+_BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear", "nonlinear")
+
+
+def _subplan(graph: Graph, taint: list[bool], composite: Any, in_eps: list, wrap_out: list) -> Any:
+    from lfp_jax.sites import analyse  # sites imports this module
+
+    return analyse(graph, taint, output_taint(graph, taint), composite, in_eps=in_eps,
+                   wrap_out=wrap_out)

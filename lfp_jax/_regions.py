@@ -1,0 +1,178 @@
+"""Regions: the smallest single-input, single-output sub-graph around a nonlinear primitive.
+
+A region's input ``x`` dominates it and its output ``y`` post-dominates it; every input-dependent value
+inside comes from ``x`` and only ``y`` leaves it (towards a rewarded output). A region that is
+elementwise in ``x`` is an *activation*; one that divides by a reduced standard deviation a
+*normalization*; ``exp / Σexp`` a *softmax*.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from lfp_jax import _compat
+from lfp_jax._dataflow import VROOT, VSINK
+from lfp_jax._graph import Graph, Node
+from lfp_jax._primitives import ELEMENTWISE
+from lfp_jax.errors import NoRuleError
+
+
+def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
+    """Grow every nonlinear node into a region site (or a bilinear single-node site).
+
+    Returns ``region_of`` (node -> (x, region, y, kind, label)) and ``singles`` (node -> (kind, label)).
+    Nodes are visited from the outputs backwards, so a region is found from its last primitive.
+    """
+    g = flow.g
+    flow.scope_sizes = {}
+    for i in cats:
+        for entry in g.nodes[i].scope:
+            flow.scope_sizes[entry] = flow.scope_sizes.get(entry, 0) + 1
+    region_of: dict[int, tuple] = {}  # node -> (x, region set, y, kind, label)
+    singles: dict[int, tuple[str, str]] = {}
+    for i in sorted(cats, reverse=True):
+        cat = cats[i]
+        if i in region_of or cat not in ("nonlinear", "unknown", "bilinear"):
+            continue
+        if cat == "unknown":
+            raise NoRuleError(_unknown_message(g.nodes[i]))
+        grown = None if cat == "bilinear" else grow(flow, {i})
+        kind = None
+        for _ in range(3):  # e.g. exp(x)/Σexp(x): the division alone is no known block
+            if grown is None:
+                break
+            x, region, y = grown
+            for r in list(region):  # absorb regions found earlier that this one overlaps
+                if r in region_of:
+                    region |= region_of[r][1]
+            kind, label = classify_region(flow, x, region, y)
+            if kind != "nonlinear" or x not in flow.producer:
+                break
+            wider = grow(flow, region | {flow.producer[x]})
+            if wider is None:
+                break
+            grown = wider
+        if kind in ("activation", "normalization", "softmax"):
+            info = (x, region, y, kind, label)
+            for r in region:
+                region_of[r] = info
+        elif g.nodes[i].name in ("mul", "div", "dot_general", "conv_general_dilated"):
+            singles[i] = ("bilinear", g.nodes[i].name)
+        elif grown is not None:
+            info = (x, region, y, kind, label)
+            for r in region:
+                region_of[r] = info
+        else:
+            raise NoRuleError(_unknown_message(g.nodes[i], combined=True))
+    return region_of, singles
+
+
+def grow(flow, region: set[int]) -> tuple[int, set[int], int] | None:
+    """The smallest single-input, single-output region containing ``region`` (None if none)."""
+    region = set(region)
+    while True:
+        ext = [u for r in region for u in flow._tin(r) if flow.producer.get(u) not in region]
+        x = flow._float_dominator(functools.reduce(flow._lca_dom, ext))
+        if x == VROOT:
+            return None
+        new = set(region)
+        for u in ext:
+            if u != x:
+                new |= flow._between(x, u)
+        esc = _escaping(flow, new)
+        if len(esc) != 1:
+            y = functools.reduce(flow._lca_pdom, esc)
+            if y == VSINK:
+                return None
+            x = flow._float_dominator(flow._lca_dom(x, y))
+            if x == VROOT:
+                return None
+            new |= flow._between(x, y)
+        elif new == region:
+            return x, region, esc[0]
+        region = new
+
+def _escaping(flow, region: set[int]) -> list[int]:
+    esc = []
+    for r in sorted(region):
+        for o in flow._tout(r):
+            if o in flow.out_vars or any(c not in region for c in flow.consumers.get(o, [])):
+                esc.append(o)
+    return esc
+
+def classify_region(flow, x: int, region: set[int], y: int) -> tuple[str, str]:
+    g = flow.g
+    names = [g.nodes[r].name for r in sorted(region)]
+    shape = g.avals[x].shape
+    elementwise = all(
+        g.nodes[r].name in ELEMENTWISE
+        and all(g.aval(a).shape == shape for a in flow._tin(r))
+        and all(g.avals[o].shape == shape for o in g.nodes[r].outputs if o is not None)
+        for r in region
+    )
+    if elementwise and g.avals[y].shape == shape:
+        return "activation", _activation_label(g, sorted(region), flow.scope_sizes)
+    if "dot_general" in names or "conv_general_dilated" in names:
+        return "nonlinear", "+".join(sorted(set(names)))
+    if "reduce_sum" in names and ({"rsqrt", "sqrt"} & set(names)):
+        return "normalization", _norm_label(g, sorted(region), x)
+    if {"exp", "reduce_sum", "div"} <= set(names):
+        return "softmax", "softmax"
+    return "nonlinear", "+".join(sorted(set(names)))
+
+
+# Checked in order; the first signature contained in a region's primitives names it.
+_ACTIVATION_SIGNATURES = [
+    ({"erf"}, "gelu"), ({"erfc"}, "gelu"), ({"integer_pow", "tanh"}, "gelu"), ({"logistic", "mul"}, "silu"),
+    ({"expm1"}, "elu"), ({"log1p", "exp"}, "softplus"), ({"ge", "select_n", "mul"}, "leaky_relu"),
+    ({"gt", "select_n", "mul"}, "leaky_relu"), ({"convert_element_type"}, "step"),
+    ({"select_n"}, "step"), ({"sign"}, "step"), ({"tanh"}, "tanh"), ({"logistic"}, "sigmoid"),
+    ({"max"}, "relu"),
+]
+_GENERIC_CALLS = _compat.INLINE_CALLS
+
+
+def _activation_label(g: Graph, nodes: list[int], scope_sizes: dict) -> str:
+    """The name of a jit/custom_jvp call holding exactly this region (``relu``, ``silu``, ...), else a
+    guess from the primitives it contains."""
+    common = set.intersection(*(set(g.nodes[r].scope) for r in nodes))
+    for entry in g.nodes[nodes[0]].scope:
+        name = entry[0]
+        if (entry in common and scope_sizes[entry] == len(nodes) and not name.startswith("_")
+                and name not in _GENERIC_CALLS):
+            return name
+    names = {g.nodes[r].name for r in nodes}
+    for signature, label in _ACTIVATION_SIGNATURES:
+        if signature <= names:
+            return label
+    return "elementwise"
+
+
+def _norm_label(g: Graph, nodes: list[int], x: int) -> str:
+    stacks = " ".join(g.nodes[r].path for r in nodes)
+    for word, label in (("BatchNorm", "batch_norm"), ("LayerNorm", "layer_norm"),
+                        ("GroupNorm", "group_norm"), ("RMSNorm", "rms_norm")):
+        if word in stacks:
+            return label
+    for r in nodes:
+        node = g.nodes[r]
+        if node.name == "reduce_sum" and x in node.inputs:
+            return "batch_norm" if 0 in node.params.get("axes", ()) else "layer_norm"
+    return "normalization"
+
+
+def _unknown_message(node: Node, combined: bool = False) -> str:
+    where, path = node.where, node.path
+    at = f"{where}" + (f" (in {path})" if path else "")
+    if combined:
+        return (
+            f"the input-dependent primitive `{node.name}` at {at} combines values in a way no "
+            f"feedback rule covers (it is neither an activation of one value, a normalisation, nor a "
+            f"product of two values). LFP never falls back to the plain gradient silently."
+        )
+    return (
+        f"lfp_jax has no feedback rule for the input-dependent primitive `{node.name}` at {at}. LFP "
+        f"never falls back to the plain gradient silently. If `{node.name}` acts elementwise, moves "
+        f"values, or is linear in its input, declare it with "
+        f"lfp_jax.sites.register_primitive({node.name!r}, 'elementwise' | 'structural' | 'mixing')."
+    )
