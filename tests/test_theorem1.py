@@ -62,16 +62,25 @@ class BNNet(nn.Module):
         return nn.Dense(3)(x)
 
 
+def _assert_linen_theorem1(model, shape, classes):
+    x, y = _data(shape, classes)
+    params, _ = _init(model, x)
+    assert_theorem1(lambda p, x: model.apply({"params": p}, x), params, x, labels=y)
+
+
+def _perturb_batchnorm(params):
+    """Non-trivial BatchNorm scales and offsets (PyTorch's defaults 1 and 0 would hide errors)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.3 * jax.random.normal(jax.random.key(len(str(path))), a.shape, a.dtype)
+        if "BatchNorm" in jax.tree_util.keystr(path) else a, params)
+
+
 def test_theorem1_linen_mlp():
-    x, y = _data((8, 6), 4)
-    params, _ = _init(MLP(), x)
-    assert_theorem1(lambda p, x: MLP().apply({"params": p}, x), params, x, labels=y)
+    _assert_linen_theorem1(MLP(), (8, 6), 4)
 
 
 def test_theorem1_linen_cnn_with_max_and_average_pooling():
-    x, y = _data((4, 8, 8, 2), 5)
-    params, _ = _init(CNN(), x)
-    assert_theorem1(lambda p, x: CNN().apply({"params": p}, x), params, x, labels=y)
+    _assert_linen_theorem1(CNN(), (4, 8, 8, 2), 5)
 
 
 def test_theorem1_nnx_model():
@@ -104,18 +113,13 @@ def test_theorem1_plain_function_with_leaky_relu():
 
 
 def test_theorem1_residual_network():
-    x, y = _data((6, 5), 3)
-    params, _ = _init(ResNet(), x)
-    assert_theorem1(lambda p, x: ResNet().apply({"params": p}, x), params, x, labels=y)
+    _assert_linen_theorem1(ResNet(), (6, 5), 3)
 
 
 def test_theorem1_batchnorm_in_train_mode():
     x, y = _data((6, 6, 6, 2), 3)
     params, variables = _init(BNNet(), x)
-    # non-trivial BatchNorm scales and offsets (PyTorch's defaults 1 and 0 would hide errors)
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.3 * jax.random.normal(jax.random.key(len(str(path))), a.shape, a.dtype)
-        if "BatchNorm" in jax.tree_util.keystr(path) else a, params)
+    params = _perturb_batchnorm(params)
     stats = variables["batch_stats"]
 
     def fun(p, x):
@@ -127,9 +131,7 @@ def test_theorem1_batchnorm_in_train_mode():
 def test_theorem1_batchnorm_in_eval_mode():
     x, y = _data((6, 6, 6, 2), 3)
     params, variables = _init(BNNet(), x, train=False)
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.3 * jax.random.normal(jax.random.key(len(str(path))), a.shape, a.dtype)
-        if "BatchNorm" in jax.tree_util.keystr(path) else a, params)
+    params = _perturb_batchnorm(params)
     stats = jax.tree.map(lambda a: a + 0.5, to64(variables["batch_stats"]))  # non-trivial statistics
 
     def fun(p, x):
