@@ -320,21 +320,23 @@ def describe(fun: Callable, *args: Any, composite: Composite | None = None,
     Example output for a linen MLP::
 
         composite: lfp_epsilon(epsilon=1e-06)
-           kind        label  rule                    module       source
-        0  linear      dense  Epsilon(epsilon=1e-06)  MLP/Dense_0  model.py:12 (MLP.__call__)
-        1  activation  relu   Identity(epsilon=None)  MLP          model.py:13 (MLP.__call__)
-        2  linear      dense  Epsilon(epsilon=1e-06)  MLP/Dense_1  model.py:14 (MLP.__call__)
+           kind        label  rule                    module       primitives   source
+        0  linear      dense  Epsilon(epsilon=1e-06)  MLP/Dense_0  dot_general  model.py:12 (MLP.__call__)
+        1  activation  relu   Identity(epsilon=None)  MLP          max          model.py:13 (MLP.__call__)
+        2  linear      dense  Epsilon(epsilon=1e-06)  MLP/Dense_1  dot_general  model.py:14 (MLP.__call__)
     """
     composite = lfp_epsilon() if composite is None else composite
     t = _Traced(fun, args, composite, argnums, has_aux)
-    rows = [("", "kind", "label", "rule", "module", "source")]
+    rows = [("", "kind", "label", "rule", "module", "primitives", "source")]
     for n, (depth, site) in enumerate(sites.iter_sites(t.plan)):
+        prims = "+".join(dict.fromkeys(site.primitives))
+        prims = prims if len(prims) <= 32 else prims[:29] + "..."
         rows.append((str(n), "  " * depth + site.kind, site.label, _rule_name(site.rule),
-                     site.name_stack or "-", site.source_line))
-    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+                     site.name_stack or "-", prims, site.source_line))
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
     lines = [f"composite: {composite.name}"]
     for r in rows:
-        lines.append("  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5])
+        lines.append("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6])
     lines.append(f"{len(rows) - 1} sites")
     return "\n".join(lines)
 
