@@ -44,8 +44,7 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
         if not isinstance(step, int):  # a Site
             site = step
             if site.kind == "activation":
-                e = pending(site.operands[0])
-                site.input_epsilon = composite.epsilon if e is None else e
+                site.input_epsilon = pending(site.operands[0])
             elif site.kind in _BLOCK_KINDS:
                 inside = {o for r in site.nodes for o in g.nodes[r].outputs}
                 for r in site.nodes:
@@ -64,6 +63,10 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
                 for o in g.nodes[i].outputs:
                     if o is not None:
                         eps[o] = eps[tin[0]]
+            elif len(tin) > 1:  # concat, select, ...: stabilise each pending operand here
+                for pos, a in enumerate(g.nodes[i].inputs):
+                    if a in tin:
+                        wrap(i, pos, a)
         elif cat == "control":
             _control_flow(flow, plan, i, pending, wrap, eps, composite)
     for pos, o in enumerate(g.outputs):

@@ -44,6 +44,11 @@ class Node:
     subgraphs: dict[str, Any] = dataclasses.field(default_factory=dict)
     scope: tuple = ()  # (name, uid) of each inlined jit / custom_jvp call around it, outermost first
     call_sources: tuple = ()  # source infos of those calls, innermost first
+    prefix: str = ""  # module path of the equations holding this one (inlined calls, control flow)
+
+    @property
+    def name(self) -> str:
+        return self.prim.name
 
     @property
     def where(self) -> str:
@@ -56,16 +61,16 @@ class Node:
 
     @property
     def path(self) -> str:
-        """Flax module path / ``jax.named_scope`` of this primitive ('' when there is none)."""
-        for info in (self.source_info,) + self.call_sources:
-            stack = _compat.name_stack(info)
-            if stack:
-                return stack
-        return ""
+        """Flax module path / ``jax.named_scope`` of this primitive ('' when there is none).
 
-    @property
-    def name(self) -> str:
-        return self.prim.name
+        Name stacks inside ``jit`` calls and control-flow bodies are relative to the equation that
+        holds them, so the enclosing paths are prefixed.
+        """
+        return _join(self.prefix, _compat.name_stack(self.source_info))
+
+
+def _join(prefix: str, name: str) -> str:
+    return "/".join(part for part in (prefix, name) if part)
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,8 +93,8 @@ def is_float(aval: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, np.inexact)
 
 
-def build_graph(closed: Any) -> Graph:
-    """Flatten ``closed`` (a ``ClosedJaxpr``) into a :class:`Graph`."""
+def build_graph(closed: Any, prefix: str = "") -> Graph:
+    """Flatten ``closed`` (a ``ClosedJaxpr``) into a :class:`Graph`; ``prefix``: enclosing module path."""
     closed = _compat.as_closed(closed)
     jaxpr = closed.jaxpr
     graph = Graph(inputs=[], outputs=[], nodes=[], avals={})
@@ -99,7 +104,7 @@ def build_graph(closed: Any) -> Graph:
     for var in jaxpr.invars:
         env[var] = _fresh(graph, var.aval)
         graph.inputs.append(env[var])
-    _emit(jaxpr.eqns, env, graph, (), ())
+    _emit(jaxpr.eqns, env, graph, (), (), prefix)
     graph.outputs = [_read(env, v) for v in jaxpr.outvars]
     return graph
 
@@ -116,7 +121,7 @@ def _read(env: dict, atom: Any) -> Atom:
     return env[atom]
 
 
-def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple, call_sources: tuple) -> None:
+def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple, call_sources: tuple, prefix: str) -> None:
     for eqn in eqns:
         inputs = tuple(_read(env, a) for a in eqn.invars)
         if eqn.primitive.name in _compat.INLINE_CALLS:
@@ -128,16 +133,17 @@ def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple, call_sources: tuple)
                 sub_env[var] = atom
             name = str(eqn.params.get("name", eqn.primitive.name))
             _emit(inner.jaxpr.eqns, sub_env, graph, scope + ((name, next(_ids)),),
-                  (eqn.source_info,) + call_sources)
+                  (eqn.source_info,) + call_sources, _join(prefix, _compat.name_stack(eqn.source_info)))
             for out, inner_out in zip(eqn.outvars, inner.jaxpr.outvars):
                 env[out] = _read(sub_env, inner_out)
             continue
         subgraphs = {}
+        inner_prefix = _join(prefix, _compat.name_stack(eqn.source_info))
         for key, value in eqn.params.items():
             if _compat.is_jaxpr(value):
-                subgraphs[key] = build_graph(value)
+                subgraphs[key] = build_graph(value, inner_prefix)
             elif isinstance(value, tuple) and value and all(_compat.is_jaxpr(v) for v in value):
-                subgraphs[key] = tuple(build_graph(v) for v in value)
+                subgraphs[key] = tuple(build_graph(v, inner_prefix) for v in value)
         outputs = []
         for out in eqn.outvars:
             if _compat.DropVar and isinstance(out, _compat.DropVar):
@@ -147,5 +153,5 @@ def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple, call_sources: tuple)
                 outputs.append(env[out])
         graph.nodes.append(
             Node(eqn.primitive, inputs, tuple(outputs), dict(eqn.params), eqn.source_info, subgraphs,
-                 scope, call_sources)
+                 scope, call_sources, prefix)
         )

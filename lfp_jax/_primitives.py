@@ -16,7 +16,7 @@ STRUCTURAL = {
     "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice", "dynamic_slice",
     "gather", "concatenate", "pad", "rev", "copy", "copy_p", "reduce_precision", "dynamic_update_slice",
     "scatter", "optimization_barrier", "device_put", "sharding_constraint", "mesh_cast", "reshard",
-    "split", "pvary", "argmax", "argmin", "iota",
+    "split", "pvary", "argmax", "argmin", "iota", "stack", "tile",
 }
 ROUTING = {"reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min", "cummax", "cummin"}
 MIXING = {"dot_general", "conv_general_dilated", "reduce_sum", "reduce_window_sum", "cumsum",
@@ -29,6 +29,7 @@ ELEMENTWISE = {
     "digamma", "integer_pow", "square", "pow", "clamp", "eq", "ne", "lt", "le", "gt", "ge", "and",
     "or", "not", "xor", "rem", "atan2", "nextafter", "is_finite", "reciprocal",
 }
+RANDOM = {"random_bits", "threefry2x32", "rng_bit_generator", "rng_uniform"}
 NO_REWARD = {"stop_gradient", "random_bits", "random_seed", "random_wrap", "random_unwrap",
              "random_fold_in", "random_split", "threefry2x32", "iota", "rng_bit_generator"}
 CONTROL_FLOW = _compat.SCAN | _compat.COND | _compat.WHILE | _compat.REMAT

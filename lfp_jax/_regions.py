@@ -38,7 +38,7 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
             raise NoRuleError(_unknown_message(g.nodes[i]))
         grown = None if cat == "bilinear" else grow(flow, {i})
         kind = None
-        for _ in range(3):  # e.g. exp(x)/Σexp(x): the division alone is no known block
+        for _ in range(6):  # exp(x)/Σexp(x), log Σexp(x): the last step alone is no known block
             if grown is None:
                 break
             x, region, y = grown
@@ -46,7 +46,7 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
                 if r in region_of:
                     region |= region_of[r][1]
             kind, label = classify_region(flow, x, region, y)
-            if kind != "nonlinear" or x not in flow.producer:
+            if x not in flow.producer or not (kind == "nonlinear" or _log_of_sum(flow, region, x)):
                 break
             wider = grow(flow, region | {flow.producer[x]})
             if wider is None:
@@ -118,7 +118,20 @@ def classify_region(flow, x: int, region: set[int], y: int) -> tuple[str, str]:
         return "normalization", _norm_label(g, sorted(region), x)
     if {"exp", "reduce_sum", "div"} <= set(names):
         return "softmax", "softmax"
+    if {"exp", "reduce_sum", "log"} <= set(names):
+        return "softmax", "logsumexp"
     return "nonlinear", "+".join(sorted(set(names)))
+
+
+def _log_of_sum(flow, region: set[int], x: int) -> bool:
+    """A ``log`` applied to a sum (the end of log-sum-exp, as in ``log_softmax``)."""
+    g = flow.g
+    if "log" not in {g.nodes[r].name for r in region}:
+        return False
+    p = flow.producer.get(x)
+    while p is not None and g.nodes[p].name in ("reshape", "broadcast_in_dim", "expand_dims", "squeeze"):
+        p = flow.producer.get(g.nodes[p].inputs[0])
+    return p is not None and g.nodes[p].name == "reduce_sum"
 
 
 # Checked in order; the first signature contained in a region's primitives names it.

@@ -2,7 +2,8 @@ r"""The LFP transformations: :func:`lfp_vjp`, :func:`lfp_value_and_feedback`, :f
 
 LFP (Weber et al., *Efficient and Flexible Neural Network Training through Layer-wise Feedback
 Propagation*, TMLR 2025) distributes a reward ``r`` given at the model outputs ``z`` backwards with LRP
-rules. The seed is ``r / (z + ε·sign(z))``; each parameter ``θ`` receives the feedback
+rules. The seed is ``r / (z + ε·sign(z))`` (ε of the layer producing ``z``); each parameter ``θ``
+receives the feedback
 
 .. math::  F_\theta = |\theta| \odot J_\theta^\top s
 
@@ -14,6 +15,7 @@ networks with the softmax-loss reward and ε → 0 the feedback equals ``-|θ| �
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,9 +25,9 @@ from jax import tree_util as jtu
 
 from lfp_jax import _graph, sites
 from lfp_jax.composites import Composite, lfp_epsilon
-from lfp_jax.errors import FrozenParameterError, LFPError, RewardError
+from lfp_jax.errors import FrozenParameterError, FrozenParameterWarning, LFPError, RewardError
 from lfp_jax.interpreter import evaluate
-from lfp_jax.rules import stabilize
+from lfp_jax.rules import safe_divide, stabilize
 
 Array = jax.Array
 
@@ -91,7 +93,6 @@ class _Traced:
                 "propagates reward to float inputs: pass images/features as floats; for integer "
                 "inputs such as token ids, embed them first and pass the embeddings."
             )
-        self.composite = composite
         self.diff = [k for k in range(len(self.leaves)) if self.is_param[k] or self.in_taint[k]]
 
 
@@ -119,8 +120,9 @@ def lfp_vjp(
       composite: which rule at which site; see :mod:`lfp_jax.composites`.
       argnums: position(s) of the argument(s) holding the parameters.
       has_aux: ``fun`` returns ``(outputs, aux)``; only ``outputs`` receive reward.
-      allow_frozen: do not raise :class:`~lfp_jax.errors.FrozenParameterError` for parameter arrays
-        that are entirely zero (checked only when the parameters are concrete, i.e. outside ``jit``).
+      allow_frozen: do not warn (:class:`~lfp_jax.errors.FrozenParameterWarning`) about parameter
+        arrays that are entirely zero and so can never move (checked only when the parameters are
+        concrete, i.e. outside ``jit``; :func:`check_params` raises instead).
 
     Returns:
       ``(outputs, feedback_fn)`` or ``(outputs, feedback_fn, aux)``. ``feedback_fn(reward)``, with
@@ -131,7 +133,9 @@ def lfp_vjp(
     composite = lfp_epsilon() if composite is None else composite
     t = _Traced(fun, primals, composite, argnums, has_aux)
     if not allow_frozen:
-        check_params([p for k, p in enumerate(primals) if k in t.argnums])
+        frozen = frozen_parameters(tuple(primals[k] for k in t.argnums))
+        if frozen:
+            warnings.warn(_frozen_message(frozen), FrozenParameterWarning, stacklevel=2)
 
     def f(*diff_leaves):
         full = list(t.leaves)
@@ -154,9 +158,9 @@ def lfp_vjp(
             if r is None:
                 seeds.append(jnp.zeros_like(out))
                 continue
-            eps = t.plan.output_epsilon.get(k, t.composite.epsilon)
+            eps = t.plan.output_epsilon.get(k)  # the ε rule of the block producing the output
             r = jax.lax.stop_gradient(jnp.asarray(r, out.dtype))
-            seeds.append(r / stabilize(out, eps))
+            seeds.append(safe_divide(r, out) if eps is None else r / stabilize(out, eps))
         cts = vjp_fn(seeds)
         result_leaves: list[Any] = [None] * len(t.leaves)
         for k, ct in zip(t.diff, cts):
@@ -189,25 +193,35 @@ def _check_reward(reward: Any, outputs: Any, out_tree) -> list[Any]:
     return r_leaves
 
 
-def check_params(params: Any) -> None:
-    """Raise :class:`~lfp_jax.errors.FrozenParameterError` if a parameter array is entirely zero.
-
-    LFP feedback is ``|θ| ⊙ (...)``, so such arrays never move (Flax initialises biases to zero; use
-    :func:`lfp_jax.nn.torch_init`). Traced values are skipped (call this once outside ``jit``).
-    """
+def frozen_parameters(params: Any) -> list[str]:
+    """Paths of the floating-point arrays in ``params`` that are entirely zero (traced ones skipped)."""
     frozen = []
     for path, leaf in jtu.tree_flatten_with_path(params)[0]:
         if isinstance(leaf, jax.core.Tracer) or not _graph.is_float(getattr(leaf, "aval", leaf)):
             continue
         if leaf.size and not bool(jnp.any(leaf != 0)):
             frozen.append(jtu.keystr(path))
+    return frozen
+
+
+def _frozen_message(frozen: list[str]) -> str:
+    return (
+        f"parameters {', '.join(frozen)} are all exactly zero. LFP feedback is proportional to |θ|, so "
+        f"they never change. Flax initialises biases to zero: use params = lfp_jax.nn.torch_init(key, "
+        f"params) (PyTorch's init, as in the reference; it keeps normalisation offsets at 0, frozen as "
+        f"in the reference). Pass allow_frozen=True where freezing is intended."
+    )
+
+
+def check_params(params: Any) -> None:
+    """Raise :class:`~lfp_jax.errors.FrozenParameterError` if a parameter array is entirely zero.
+
+    LFP feedback is ``|θ| ⊙ (...)``, so such arrays never move (Flax initialises biases to zero; use
+    :func:`lfp_jax.nn.torch_init`). Traced values are skipped (call this once outside ``jit``).
+    """
+    frozen = frozen_parameters(params)
     if frozen:
-        raise FrozenParameterError(
-            f"parameters {', '.join(frozen)} are all exactly zero. LFP feedback is proportional to "
-            f"|θ|, so they would never change. Initialise them PyTorch-style "
-            f"(params = lfp_jax.nn.torch_init(key, params)), or pass allow_frozen=True if freezing "
-            f"them is intended."
-        )
+        raise FrozenParameterError(_frozen_message(frozen))
 
 
 def _split_args(args, argnums, reward_argnums):

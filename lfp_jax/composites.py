@@ -57,13 +57,10 @@ class Composite:
 
     Attributes:
       entries: the pairs.
-      epsilon: ε used where no block rule supplies one (the seed at the outputs when they are not a
-        block output, and activations fed directly by the model inputs).
       name: shown by :func:`lfp_jax.describe`.
     """
 
     entries: tuple[tuple[Match, R.Rule], ...]
-    epsilon: float = 1e-6
     name: str = "custom"
 
     def with_rules(self, *pairs: tuple[Match, R.Rule]) -> Composite:
@@ -80,10 +77,17 @@ class Composite:
                         f"Match (e.g. Match(kind=...)) so it selects sites of those kinds."
                     )
                 return rule
+        if site.kind in ("softmax", "bilinear", "nonlinear"):
+            hint = (f"lfp_jax has no LRP rule for this kind of site yet (AttnLRP's softmax and product "
+                    f"rules are planned). To accept the plain gradient here, say so: "
+                    f"composite.with_rules((Match(kind={site.kind!r}), rules.Gradient())); for a "
+                    f"softmax at the output, return the logits instead.")
+        else:
+            hint = (f"Add a pair for it, e.g. composite.with_rules((Match(kind={site.kind!r}), "
+                    f"rules.Epsilon())).")
         raise NoRuleError(
-            f"no rule in composite {self.name!r} matches the {site.kind!r} site ({site.label}) at "
-            f"{site.source_line}. Add a pair for it, e.g. "
-            f"composite.with_rules((Match(kind={site.kind!r}), rules.Epsilon()))."
+            f"no rule in composite {self.name!r} matches the {site.kind!r} site ({site.label}, "
+            f"primitives {'+'.join(dict.fromkeys(site.primitives))}) at {site.source_line}. {hint}"
         )
 
 
@@ -110,6 +114,5 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
             (Match(kind="max_pool"), R.WinnerTakeAll()),
             (Match(kind="dropout"), R.Dropout(rescale=dropout_rescale)),
         ),
-        epsilon=epsilon,
         name=f"lfp_epsilon(epsilon={epsilon:g})",
     )

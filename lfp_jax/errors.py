@@ -25,3 +25,7 @@ class RewardError(LFPError):
 
 class FrozenParameterError(LFPError):
     """Parameters that are exactly zero: LFP feedback is proportional to |θ| and can never move them."""
+
+
+class FrozenParameterWarning(UserWarning):
+    """Parameters that are exactly zero and will never move under LFP (see FrozenParameterError)."""

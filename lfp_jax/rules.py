@@ -53,6 +53,16 @@ def stabilize(z: Array, epsilon: float) -> Array:
     return z + jnp.where(z >= 0, epsilon, -epsilon).astype(z.dtype)
 
 
+def safe_divide(a: Array, z: Array) -> Array:
+    """``a / z`` where ``z != 0`` and 0 where ``z == 0`` (no NaN or overflow in any dtype).
+
+    Converting a reward ``R`` back to the normalised form ``c = R / x`` at a value that is exactly 0
+    loses that reward (``R = x ⊙ c`` is 0 there whatever ``c`` is); this keeps the loss finite.
+    """
+    nonzero = z != 0
+    return jnp.where(nonzero, a / jnp.where(nonzero, z, 1), 0).astype(jnp.result_type(a, z))
+
+
 class SiteCall(NamedTuple):
     """What a rule sees of the site it is applied to.
 
@@ -61,13 +71,15 @@ class SiteCall(NamedTuple):
       fn: evaluates the site: ``fn(*operands) -> tuple`` of outputs; the first output carries reward,
         any further outputs are side values used elsewhere (e.g. batch statistics kept for later).
       carries_reward: per operand, whether reward flows into it (input-dependent floating point).
-      input_epsilon: ε of the block whose output feeds the site (used by activation rules).
+      input_epsilon: ε of the block whose output feeds the site and is stabilised there (activation
+        rules); ``None`` when the input is no pending block output (a model input, an activation
+        output, or a value already stabilised), so the rule must not stabilise it again.
     """
 
     site: Any
     fn: Callable[..., tuple]
     carries_reward: tuple[bool, ...]
-    input_epsilon: float
+    input_epsilon: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +106,10 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable)
 
     ``backward(operands, outputs, ct)`` receives the site's operands and outputs (saved from the
     forward pass) and the normalised reward ``c_y`` at its first output, and returns one cotangent
-    per operand in the normalised form (``R = value ⊙ c``); entries for operands that carry no reward
-    are ignored (return ``None``). Anything the rule needs (modified forward passes, state such as a
-    membrane potential) is computed inside ``backward`` from the saved values.
+    per operand in the normalised form (``R = value ⊙ c``). For reward-carrying operands this is
+    ``c_x``; for parameter operands (weights) it is ``c_W`` with feedback ``|W| ⊙ c_W``; ``None``
+    means zero (and is required for integer operands). Anything the rule needs (modified forward
+    passes, state such as a membrane potential) is computed inside ``backward`` from saved values.
     """
 
     @jax.custom_vjp
@@ -111,8 +124,8 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable)
         ops, outs = res
         grads = backward(ops, outs, cts[0])
         return tuple(
-            g if (carries and g is not None) else None
-            for g, carries in zip(grads, call.carries_reward)
+            g if (g is not None and jnp.issubdtype(jnp.result_type(op), jnp.inexact)) else None
+            for g, op in zip(grads, ops)
         )
 
     site.defvjp(fwd, bwd)
@@ -142,9 +155,10 @@ class Epsilon(Rule):
 class Identity(Rule):
     r"""Identity rule for activations: ``R_x = R_y``.
 
-    In the normalised form ``c_x = c_y · φ(x) / (x + ε·sign(x))``, where ε is that of the block whose
-    output ``x`` is (``epsilon`` overrides it). No derivative of φ is used, so step functions pass
-    reward wherever they fire.
+    In the normalised form ``c_x = c_y · φ(x) / (x + ε·sign(x))`` when ``x`` is the output of a block
+    with ε (the block's ε rule, ``s = R_x / stab(x)``, is applied here); otherwise ``c_x = c_y · φ(x)/x``
+    (0 where ``x = 0``), so chained activations pass reward unchanged. ``epsilon`` overrides the
+    block's ε. No derivative of φ is used, so step functions pass reward wherever they fire.
     """
 
     epsilon: float | None = None
@@ -155,7 +169,8 @@ class Identity(Rule):
 
         def backward(ops, outs, ct):
             x, y = ops[0], outs[0]
-            return [ct * y / stabilize(x, eps)] + [None] * (len(ops) - 1)
+            c_x = safe_divide(ct * y, x) if eps is None else ct * y / stabilize(x, eps)
+            return [c_x] + [None] * (len(ops) - 1)
 
         return with_backward(call, operands, backward)
 
@@ -188,11 +203,9 @@ class Dropout(Rule):
       rescale: ``True`` (the reference): the plain VJP is applied to the reward itself,
         ``R_x = mask ⊙ R_y / (1 - p)``, so each dropout layer multiplies the reward below it by
         ``1/(1-p)``. ``False``: reward is conserved, ``R_x = mask ⊙ R_y``.
-      epsilon: stabiliser of the division by ``x`` when converting back to the normalised form.
     """
 
     rescale: bool = True
-    epsilon: float = 1e-12
     kinds: ClassVar[frozenset[str]] = frozenset({"dropout"})
 
     def __call__(self, call: SiteCall, *operands: Array) -> tuple:
@@ -205,7 +218,7 @@ class Dropout(Rule):
             _, vjp = jax.vjp(lambda a: call.fn(*ops[:index], a, *ops[index + 1:])[0], ops[index])
             (r_x,) = vjp(relevance)
             grads: list = [None] * len(ops)
-            grads[index] = r_x / stabilize(ops[index], self.epsilon)
+            grads[index] = safe_divide(r_x, ops[index])
             return grads
 
         return with_backward(call, operands, backward)
@@ -226,9 +239,10 @@ class LinearRule(Rule):
         s = \frac{R_o}{\mathrm{stab}(z)},\quad R_x = \sum_k \sigma_k\, a_k \odot J_{a_k}^\top s,
         \quad c_W = \frac{\partial z}{\partial W}^\top s,
 
-    and ``c_x = R_x / stab(x)``. The ε rule is ``[(x, W, +1)]``; z⁺ is ``[(x⁺, W⁺), (x⁻, W⁻)]``; γ
-    is ``[(x, W + γW⁺)]``; flat ``[(1, 1)]``; w² ``[(1, W²)]``; z^B ``[(x, W), (l, W⁺, −1), (h, W⁻, −1)]``.
-    Parameter feedback is ``|W| ⊙ c_W``, like LFP-ε.
+    and ``c_x = R_x / x`` (0 where ``x = 0``). The ε rule is ``[(x, W, +1)]``; z⁺ is
+    ``[(x⁺, W⁺), (x⁻, W⁻)]``; γ is ``[(x, W + γW⁺)]``; flat ``[(1, 1)]``; w² ``[(1, W²)]``; z^B is
+    ``[(x, W), (l, W⁺, −1), (h, W⁻, −1)]``. Parameter feedback is ``|W| ⊙ c_W``, like LFP-ε (zero for
+    flat, whose ``z`` does not depend on ``W``).
     """
 
     epsilon: float = 1e-6
@@ -253,7 +267,7 @@ class LinearRule(Rule):
             relevance = outs[0] * ct
             r_x, c_w = self._propagate(f, x, w, relevance)
             grads: list = [None, None]
-            grads[xi] = r_x / stabilize(x, 1e-12)
+            grads[xi] = safe_divide(r_x, x)
             grads[wi] = c_w
             return grads
 

@@ -42,6 +42,7 @@ from lfp_jax._primitives import (
     ELEMENTWISE,
     MIXING,
     NO_REWARD,
+    RANDOM,
     ROUTING,
     STRUCTURAL,
     category,
@@ -75,7 +76,7 @@ class Site:
     source_line: str
     primitives: tuple[str, ...]
     rule: Any = None
-    input_epsilon: float = 0.0
+    input_epsilon: float | None = None
     carries_reward: tuple[bool, ...] = ()
 
 
@@ -201,8 +202,14 @@ class _Analysis(DataFlow):
         return None
 
     def _dropout_site(self, i: int) -> Site | None:
-        """``select_n(mask, 0, x / keep)`` with a mask that does not depend on the input."""
+        """``select_n(mask, 0, x / keep)`` with a random mask (drawn from a PRNG key inside ``fun``).
+
+        A mask that is not random (padding, causal masks) makes no dropout site: masked scaling is an
+        affine block like any other.
+        """
         node = self.g.nodes[i]
+        if not self._is_random(node.inputs[0]):
+            return None
         cases = [a for a in node.inputs[1:] if self._t(a)]
         if len(cases) != 1:
             return None
@@ -216,6 +223,20 @@ class _Analysis(DataFlow):
         if not const or self.g.aval(const[0]).shape != ():
             return None
         return self._make_site("dropout", "dropout", [p, i], None, None)
+
+    def _is_random(self, atom) -> bool:
+        """Whether ``atom`` is computed from random bits (``random_bits``, ``threefry2x32``, ...)."""
+        stack, seen = [atom], set()
+        while stack:
+            a = stack.pop()
+            p = self.producer.get(a) if isinstance(a, int) else None
+            if p is None or p in seen:
+                continue
+            seen.add(p)
+            if self.g.nodes[p].name in RANDOM:
+                return True
+            stack.extend(self.g.nodes[p].inputs)
+        return False
 
     def _make_site(self, kind, label, nodes, sources, output) -> Site:
         g = self.g

@@ -1,5 +1,7 @@
 """Every error path says what is wrong, where, and how to fix it."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -71,9 +73,13 @@ def test_reward_of_the_wrong_structure_is_refused():
 
 def test_all_zero_parameters_are_reported_by_path():
     params = {"w": P["w"], "b": jnp.zeros((2,))}
-    with pytest.raises(errors.FrozenParameterError, match=r"\['b'\]"):
+    with pytest.warns(errors.FrozenParameterWarning, match=r"\['b'\]"):
         _feedback(lambda p, x: x @ p["w"] + p["b"], params)
-    _, fb = _feedback(lambda p, x: x @ p["w"] + p["b"], params, allow_frozen=True)
+    with pytest.raises(errors.FrozenParameterError, match=r"\['b'\]"):
+        lfp_jax.check_params(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, fb = _feedback(lambda p, x: x @ p["w"] + p["b"], params, allow_frozen=True)
     assert jnp.all(fb["b"] == 0)
 
 
@@ -120,3 +126,8 @@ def test_bad_argnums_and_has_aux_are_refused():
 def test_bad_labels_for_a_reward_are_refused():
     with pytest.raises(ValueError, match="class indices"):
         rewards.softmax_loss(jnp.zeros((4, 3)), jnp.zeros((4, 2)))
+
+
+def test_log_softmax_inside_the_model_has_no_default_rule():
+    with pytest.raises(errors.NoRuleError, match="'softmax' site \\(logsumexp"):
+        _feedback(lambda p, x: jax.nn.log_softmax(x @ p["w"] + p["b"]) @ jnp.eye(2))

@@ -241,3 +241,33 @@ def test_a_user_defined_site_local_rule_plugs_into_a_composite():
     halved = _run(fun, p, x, r, composite=lfp_jax.lfp_epsilon().with_rules(
         (Match(label="tanh"), HalfIdentity())))[2]
     np.testing.assert_allclose(halved, 0.5 * plain, rtol=1e-10)
+
+
+def test_linear_rules_give_parameter_feedback():
+    """Classic rules also produce |W| ⊙ (∂z/∂W)ᵀ s: the ε terms equal Epsilon, z⁺ its own formula."""
+    w, x, r = _rand(0, 5, 3), _rand(1, 2, 5), _rand(2, 2, 3)
+    fun = lambda w, x: x @ w  # noqa: E731
+    eps_fb = _run(fun, w, x, r, composite=lfp_jax.lfp_epsilon(1e-6))[1]
+    terms_fb = _run(fun, w, x, r, composite=lfp_jax.lfp_epsilon(1e-6).with_rules(
+        (Match(kind="linear"), rules.LinearRule(epsilon=1e-6))))[1]
+    np.testing.assert_allclose(terms_fb, eps_fb, rtol=1e-9)
+    np.testing.assert_allclose(eps_fb, np.abs(w) * (x.T @ (r / stab(x @ w))), rtol=1e-9)
+    zplus_fb = _run(fun, w, x, r, composite=lfp_jax.lfp_epsilon(1e-12).with_rules(
+        (Match(kind="linear"), rules.ZPlus(epsilon=1e-6))))[1]
+    s = r / stab(_pos(x) @ _pos(w) + _neg(x) @ _neg(w))
+    c_w = (_pos(x).T @ s) * (w > 0) + (_neg(x).T @ s) * (w < 0)
+    np.testing.assert_allclose(zplus_fb, np.abs(w) * c_w, rtol=1e-6)
+
+
+def test_half_precision_dropout_and_zero_activations_stay_finite():
+    w1, w2 = _rand(0, 4, 6).astype(np.float16), _rand(1, 6, 3).astype(np.float16)
+    x = _rand(2, 3, 4).astype(np.float16)
+
+    def fun(p, x, key):
+        h = jax.nn.relu(x @ p[0])            # exact zeros
+        m = jax.random.bernoulli(key, 0.5, h.shape)
+        return jax.lax.select(m, h / 0.5, jnp.zeros_like(h)) @ p[1]
+
+    out, fb_fn = lfp_jax.lfp_vjp(fun, (w1, w2), x, jax.random.key(0))
+    fb, rel, _ = fb_fn(jnp.ones_like(out))
+    assert all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in (*fb, rel))

@@ -138,3 +138,22 @@ def test_theorem1_batchnorm_in_eval_mode():
         return BNNet().apply({"params": p, "batch_stats": stats}, x, train=False)
 
     assert_theorem1(fun, params, x, labels=y)
+
+
+def test_theorem1_with_stack_tile_concat_and_a_padding_mask():
+    """Structural primitives and masked scaling by a constant mask are not activations or dropout."""
+    k = jax.random.split(jax.random.key(7), 3)
+    params = {"w1": jax.random.normal(k[0], (6, 4), jnp.float64),
+              "w2": jax.random.normal(k[1], (4, 8), jnp.float64),
+              "w3": jax.random.normal(k[2], (16, 3), jnp.float64)}
+    pad = jnp.array([True, False, True, True] * 2)
+
+    def fun(p, x):
+        h = jax.nn.relu(x @ p["w1"])
+        h = jnp.stack([h, jnp.tile(h[:, :2], (1, 2))], axis=1).reshape(x.shape[0], -1)
+        h = jnp.where(pad, h * jnp.sqrt(8.0), 0.0)
+        h = jnp.concatenate([h, jax.nn.relu(h @ jnp.ones((8, 8)) * 0.1 @ p["w2"].T @ p["w2"])], -1)
+        return h @ p["w3"]
+
+    x, y = _data((5, 6), 3)
+    assert_theorem1(fun, params, x, labels=y)
