@@ -1,0 +1,81 @@
+"""Optimisers and schedules as in the reference: SGD with momentum or Adam, optional global-norm
+clipping and weight decay, a constant, cosine or OneCycle learning rate.
+
+OneCycle follows PyTorch's ``OneCycleLR`` defaults, which the reference uses: the learning rate rises
+from ``max_lr / 25`` to ``max_lr`` over the first 30 % of steps and anneals (cosine) to
+``max_lr / 25 / 1e4``; the momentum (Adam's β₁) is cycled the other way, 0.95 → 0.85 → 0.95,
+overriding the configured momentum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import optax
+
+
+def _cosine(start: float, end: float, frac):
+    return end + (start - end) * (1 + jnp.cos(math.pi * frac)) / 2
+
+
+def onecycle(total_steps: int, max_value: float, *, pct_start: float = 0.3, div_factor: float = 25.0,
+             final_div_factor: float = 1e4):
+    """PyTorch's OneCycleLR learning rate as an optax schedule."""
+    initial = max_value / div_factor
+    final = initial / final_div_factor
+    up = max(int(pct_start * total_steps) - 1, 1)
+    down = max(total_steps - 1 - up, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        rising = _cosine(initial, max_value, jnp.clip(step / up, 0, 1))
+        falling = _cosine(max_value, final, jnp.clip((step - up) / down, 0, 1))
+        return jnp.where(step <= up, rising, falling)
+
+    return schedule
+
+
+def onecycle_momentum(total_steps: int, *, base: float = 0.85, high: float = 0.95,
+                      pct_start: float = 0.3):
+    """OneCycle's momentum: ``high`` → ``base`` while the learning rate rises, then back."""
+    up = max(int(pct_start * total_steps) - 1, 1)
+    down = max(total_steps - 1 - up, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        falling = _cosine(high, base, jnp.clip(step / up, 0, 1))
+        rising = _cosine(base, high, jnp.clip((step - up) / down, 0, 1))
+        return jnp.where(step <= up, falling, rising)
+
+    return schedule
+
+
+def make(cfg: dict, total_steps: int) -> optax.GradientTransformation:
+    """Build the optimiser described by ``cfg`` (the ``optimizer`` section of a run config)."""
+    name, lr = cfg.get("name", "sgd"), float(cfg["lr"])
+    schedule = cfg.get("schedule", "constant")
+    momentum = cfg.get("momentum", 0.9 if name == "sgd" else None)
+    if schedule == "onecycle":
+        lr_fn = onecycle(total_steps, lr)
+        momentum = onecycle_momentum(total_steps)
+    elif schedule == "cosine":
+        lr_fn = optax.cosine_decay_schedule(lr, total_steps)
+    elif schedule == "constant":
+        lr_fn = lr
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: constant, cosine or onecycle")
+    if name == "sgd":
+        opt = optax.inject_hyperparams(optax.sgd)(learning_rate=lr_fn, momentum=momentum,
+                                                  nesterov=bool(cfg.get("nesterov", False)))
+    elif name == "adam":
+        b1 = momentum if momentum is not None else 0.9
+        opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr_fn, b1=b1)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: sgd or adam")
+    parts = []
+    if cfg.get("clip_norm"):
+        parts.append(optax.clip_by_global_norm(float(cfg["clip_norm"])))
+    if cfg.get("weight_decay"):
+        parts.append(optax.add_decayed_weights(float(cfg["weight_decay"])))
+    return optax.chain(*parts, opt)
