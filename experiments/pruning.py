@@ -68,8 +68,11 @@ def prune(params, fraction: float, *, scope: str = "global", select: Callable = 
                                         zip(arrays, leaves)])
 
 
+FRACTIONS = tuple(round(0.05 * k, 2) for k in range(20))  # 0 %, 5 %, ..., 95 %
+
+
 def pruning_curve(params, evaluate: Callable, *, scope: str = "global",
-                  fractions=tuple(np.round(np.arange(0.0, 1.0, 0.05), 2))) -> list[dict]:
+                  fractions=FRACTIONS) -> list[dict]:
     """Accuracy (``evaluate(params) -> float``) after pruning each fraction, in 5 % steps."""
     return [{"fraction": float(f), "accuracy": float(evaluate(prune(params, f, scope=scope)))}
             for f in fractions]
