@@ -1,0 +1,339 @@
+"""Studies: LFP against gradient descent, one command each.
+
+    python -m experiments.study compare       # toy data, digits, MNIST (MLP, LeNet), Fashion-MNIST
+    python -m experiments.study activations   # relu, tanh, silu, elu, sigmoid, step (+ input noise)
+    python -m experiments.study pruning       # Gini of |w| per layer, global/per-layer pruning curves
+    python -m experiments.study rewards       # non-differentiable rewards (misclassification, ...)
+    python -m experiments.study all
+
+Options: ``--seeds N`` (default 3), ``--force`` (retrain runs that already have a summary),
+``--quick`` (tiny subsets and one epoch: a smoke test), ``--out-dir`` for run folders (``runs``) and
+``--results`` for the study outputs (``results``). Each study writes ``<results>/<study>/results.json``
+and PNG plots; runs already finished are reused, so an interrupted study continues where it stopped.
+``python -m experiments.results`` turns the results into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import config as config_lib  # noqa: E402
+from experiments import data as data_lib  # noqa: E402
+from experiments import pruning  # noqa: E402
+from experiments.train import Trainer, train  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TOY = ("blobs", "circles", "swirls")
+TOY_LRS = {"lfp": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), "gd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)}
+
+
+class Runner:
+    """Runs (or reuses) training runs and collects their summaries."""
+
+    def __init__(self, args):
+        self.args = args
+        self.missing: list[str] = []
+
+    def cfg(self, config_file: str, overrides: dict | None = None, seed: int = 0) -> dict:
+        base = dict(overrides or {})
+        base["seed"] = seed
+        base["out_dir"] = self.args.out_dir
+        cfg = config_lib.load(os.path.join(CONFIGS, config_file), base=base)
+        if self.args.quick:
+            cfg["epochs"] = 1
+            cfg["data"]["subset"] = 256
+            cfg["batch_size"] = min(cfg["batch_size"], 64)
+        return cfg
+
+    def run(self, cfg: dict) -> dict | None:
+        path = os.path.join(config_lib.run_dir(cfg), "summary.json")
+        if os.path.exists(path) and not self.args.force:
+            with open(path) as f:
+                return json.load(f)
+        try:
+            return train(cfg, progress=not self.args.quiet)
+        except data_lib.DatasetNotFound as e:
+            self.missing.append(f"{cfg['name']}: {e}")
+            print(f"skipping {cfg['name']}: {e}")
+            return None
+
+    def seeds(self, config_file: str, overrides: dict | None = None) -> list[dict]:
+        runs = [self.run(self.cfg(config_file, overrides, s)) for s in range(self.args.seeds)]
+        return [r for r in runs if r is not None]
+
+
+def aggregate(runs: list[dict]) -> dict:
+    acc = np.array([r["test_accuracy"] for r in runs])
+    return {"mean": float(acc.mean()), "std": float(acc.std()), "n": len(acc),
+            "values": acc.tolist(), "train_seconds": float(np.mean([r["train_seconds"] for r in runs]))}
+
+
+def _save(results: dict, study: str, args) -> str:
+    folder = os.path.join(args.results, study)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return folder
+
+
+def _pair(runner: Runner, stem: str, overrides: dict | None = None, name: str | None = None) -> dict:
+    out = {}
+    for method in ("lfp", "gd"):
+        over = dict(overrides or {})
+        if name:
+            over["name"] = f"{name}_{method}"
+        runs = runner.seeds(f"{stem}_{method}.yaml", over)
+        if runs:
+            out[method] = aggregate(runs)
+    return out
+
+
+# --- compare ------------------------------------------------------------------------------------
+
+
+def compare(runner: Runner) -> dict:
+    args = runner.args
+    results: dict = {"benchmarks": {}, "lr_sweep": {}}
+    for ds in TOY:
+        results["benchmarks"][f"{ds} (toy MLP)"] = _pair(
+            runner, "toy_mlp", {"data": {"name": ds}}, name=f"toy_{ds}")
+    for label, stem in (("digits (MLP)", "digits_mlp"), ("MNIST (MLP 784-120-84-10)", "mnist_mlp"),
+                        ("MNIST (LeNet)", "mnist_lenet"), ("Fashion-MNIST (MLP)", "fashion_mnist_mlp"),
+                        ("Fashion-MNIST (LeNet)", "fashion_mnist_lenet")):
+        results["benchmarks"][label] = _pair(runner, stem)
+    for ds in TOY:
+        sweep = {}
+        for method, lrs in TOY_LRS.items():
+            sweep[method] = {}
+            for lr in lrs:
+                runs = runner.seeds(f"toy_mlp_{method}.yaml", {
+                    "data": {"name": ds}, "optimizer": {"lr": lr},
+                    "name": f"toy_{ds}_{method}_lr{lr:g}"})
+                if runs:
+                    sweep[method][f"{lr:g}"] = aggregate(runs)
+        results["lr_sweep"][ds] = sweep
+    folder = _save(results, "compare", args)
+    _plot_lr_sweep(results["lr_sweep"], os.path.join(folder, "toy_lr_sweep.png"))
+    _plot_boundaries(runner, os.path.join(folder, "toy_decision_boundaries.png"))
+    return results
+
+
+def _plot_lr_sweep(sweep: dict, path: str) -> None:
+    fig, axes = plt.subplots(1, len(sweep), figsize=(4 * len(sweep), 3.2), squeeze=False)
+    for ax, (ds, methods) in zip(axes[0], sweep.items()):
+        for method, points in methods.items():
+            lrs = [float(k) for k in points]
+            means = [v["mean"] for v in points.values()]
+            stds = [v["std"] for v in points.values()]
+            ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=method.upper())
+        ax.set_xscale("log")
+        ax.set_title(ds)
+        ax.set_xlabel("learning rate")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_boundaries(runner: Runner, path: str) -> None:
+    fig, axes = plt.subplots(2, len(TOY), figsize=(4 * len(TOY), 7.5), squeeze=False)
+    for col, ds in enumerate(TOY):
+        for row, method in enumerate(("lfp", "gd")):
+            cfg = runner.cfg(f"toy_mlp_{method}.yaml", {"data": {"name": ds}, "name": f"toy_{ds}_{method}"})
+            trainer = Trainer(cfg)
+            ckpt = os.path.join(config_lib.run_dir(cfg), "checkpoint.msgpack")
+            ax = axes[row][col]
+            if not os.path.exists(ckpt):
+                ax.set_visible(False)
+                continue
+            with open(ckpt, "rb") as f:
+                trainer.load_state(f.read())
+            x, y = trainer.data.x_test, trainer.data.y_test
+            lo, hi = x.min(0) - 0.5, x.max(0) + 0.5
+            gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
+            grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
+            pred = np.asarray(jnp.argmax(trainer.predict(trainer.params, trainer.batch_stats, grid), -1))
+            ax.contourf(gx, gy, pred.reshape(gx.shape), alpha=0.3, cmap="viridis")
+            ax.scatter(x[:, 0], x[:, 1], c=y, s=6, cmap="viridis", edgecolors="none")
+            acc = trainer.evaluate()["test_accuracy"]
+            ax.set_title(f"{ds}, {method.upper()}: {acc:.3f}")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- activations -------------------------------------------------------------------------------
+
+ACTIVATION_RUNS = ("relu", "tanh", "silu", "elu", "sigmoid", "step")
+
+
+def activations(runner: Runner) -> dict:
+    results = {}
+    for act in ACTIVATION_RUNS:
+        results[act] = _pair(runner, "mnist_mlp", {"model": {"activation": act}}, name=f"act_{act}")
+    results["step + input noise σ=0.1"] = _pair(runner, "mnist_mlp_step_noise")
+    folder = _save(results, "activations", runner.args)
+    _plot_bars(results, os.path.join(folder, "activations.png"), "MNIST MLP 784-120-84-10: test accuracy")
+    _plot_curves(runner, os.path.join(folder, "step_noise_curves.png"))
+    return results
+
+
+def _plot_bars(results: dict, path: str, title: str) -> None:
+    labels = list(results)
+    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2, 3.5))
+    for k, method in enumerate(("lfp", "gd")):
+        means = [results[lab].get(method, {}).get("mean", np.nan) for lab in labels]
+        stds = [results[lab].get(method, {}).get("std", 0) for lab in labels]
+        ax.bar(np.arange(len(labels)) + 0.4 * k - 0.2, means, 0.4, yerr=stds, capsize=3, label=method.upper())
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=15)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curves(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _plot_curves(runner: Runner, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for method in ("lfp", "gd"):
+        rows = _curves(config_lib.run_dir(runner.cfg(f"mnist_mlp_step_noise_{method}.yaml")))
+        if rows:
+            ax.plot([r["epoch"] for r in rows], [r["test_accuracy"] for r in rows], label=method.upper())
+    ax.axhline(0.70, color="gray", ls="--", lw=1, label="reference LFP ≈ 0.70")
+    ax.axhline(0.1, color="gray", ls=":", lw=1, label="chance")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("step MLP with input noise, MNIST")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- pruning -----------------------------------------------------------------------------------
+
+
+def pruning_study(runner: Runner) -> dict:
+    results = {}
+    for label, stem in (("MNIST MLP", "mnist_mlp"), ("MNIST LeNet", "mnist_lenet"),
+                        ("Fashion-MNIST LeNet", "fashion_mnist_lenet")):
+        entry = {}
+        for method in ("lfp", "gd"):
+            cfg = runner.cfg(f"{stem}_{method}.yaml")
+            if runner.run(cfg) is None:
+                continue
+            trainer = Trainer(cfg)
+            with open(os.path.join(config_lib.run_dir(cfg), "checkpoint.msgpack"), "rb") as f:
+                trainer.load_state(f.read())
+            evaluate = lambda p, t=trainer: t.evaluate(p)["test_accuracy"]  # noqa: E731
+            entry[method] = {
+                "gini": pruning.layer_gini(trainer.params),
+                "global": pruning.pruning_curve(trainer.params, evaluate, scope="global"),
+                "per_layer": pruning.pruning_curve(trainer.params, evaluate, scope="per_layer"),
+            }
+        if entry:
+            results[label] = entry
+    folder = _save(results, "pruning", runner.args)
+    _plot_pruning(results, os.path.join(folder, "pruning.png"))
+    _plot_gini(results, os.path.join(folder, "gini.png"))
+    return results
+
+
+def _plot_pruning(results: dict, path: str) -> None:
+    fig, axes = plt.subplots(2, max(len(results), 1), figsize=(4.2 * max(len(results), 1), 6.5),
+                             squeeze=False)
+    for col, (label, entry) in enumerate(results.items()):
+        for row, scope in enumerate(("global", "per_layer")):
+            ax = axes[row][col]
+            for method, data in entry.items():
+                ax.plot([p["fraction"] * 100 for p in data[scope]], [p["accuracy"] for p in data[scope]],
+                        marker=".", label=method.upper())
+            ax.set_title(f"{label}, {scope.replace('_', '-')}")
+            ax.set_xlabel("weights pruned (%)")
+            ax.set_ylim(0, 1.02)
+            ax.legend()
+        axes[0][col].set_ylabel("test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_gini(results: dict, path: str) -> None:
+    fig, axes = plt.subplots(1, max(len(results), 1), figsize=(4.2 * max(len(results), 1), 3.3),
+                             squeeze=False)
+    for ax, (label, entry) in zip(axes[0], results.items()):
+        for k, (method, data) in enumerate(entry.items()):
+            values = list(data["gini"].values())
+            ax.bar(np.arange(len(values)) + 0.4 * k - 0.2, values, 0.4, label=method.upper())
+        ax.set_title(f"{label}: Gini of |w|")
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- rewards -----------------------------------------------------------------------------------
+
+
+def rewards(runner: Runner) -> dict:
+    results = {}
+    for reward in ("softmax_loss", "misclassification", "correct_class"):
+        runs = runner.seeds("mnist_mlp_lfp.yaml", {"reward": {"name": reward},
+                                                    "name": f"reward_{reward}_lfp"})
+        if runs:
+            results[reward] = {"lfp": aggregate(runs)}
+    folder = _save(results, "rewards", runner.args)
+    _plot_bars(results, os.path.join(folder, "rewards.png"), "MNIST MLP trained by LFP with each reward")
+    return results
+
+
+STUDIES = {"compare": compare, "activations": activations, "pruning": pruning_study, "rewards": rewards}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Run an LFP study.")
+    parser.add_argument("study", choices=sorted(STUDIES) + ["all"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--out-dir", default="runs")
+    parser.add_argument("--results", default="results")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_x64", False)
+    runner = Runner(args)
+    for name in (sorted(STUDIES) if args.study == "all" else [args.study]):
+        print(f"== study {name}")
+        STUDIES[name](runner)
+    if runner.missing:
+        print("datasets missing, runs skipped:\n  " + "\n  ".join(runner.missing))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Experiments: loaders on files the tests write, every config end to end on a tiny subset, resume."""
+
+import glob
+import gzip
+import json
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+
+from experiments import config as config_lib
+from experiments import data as data_lib
+from experiments import optim, train
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+
+
+def write_idx(path, array):
+    array = np.asarray(array, np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 32)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(1)
+    for name, n in [(f"data_batch_{i}", 16) for i in range(1, 6)] + [("test_batch", 16)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, n))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    return str(root)
+
+
+def test_idx_reader_roundtrip_and_scaling(idx_dir, tmp_path):
+    write_idx(tmp_path / "img.gz", [[[0, 255], [128, 1]]])
+    np.testing.assert_array_equal(data_lib.read_idx(str(tmp_path / "img.gz")), [[[0, 255], [128, 1]]])
+    d = data_lib.load("mnist", root=idx_dir)
+    assert d.x_train.shape == (64, 28, 28, 1) and d.x_test.shape == (32, 28, 28, 1)
+    raw = data_lib.read_idx(os.path.join(idx_dir, "train-images-idx3-ubyte.gz"))
+    np.testing.assert_allclose(d.x_train[3, 5, 7, 0], (raw[3, 5, 7] / 255.0 - 0.5) / 0.5, rtol=1e-6)
+    assert d.x_train.min() >= -1 and d.x_train.max() <= 1 and d.y_train.dtype == np.int32
+
+
+def test_cifar_loader_reads_the_python_pickle_format(cifar_dir):
+    d = data_lib.load("cifar10", root=cifar_dir)
+    assert d.x_train.shape == (80, 32, 32, 3) and d.x_test.shape == (16, 32, 32, 3)
+    with open(os.path.join(cifar_dir, "data_batch_1"), "rb") as f:
+        batch = pickle.load(f)
+    # the pickle stores each image as 1024 red, then 1024 green, then 1024 blue values, row-major
+    pixel = batch[b"data"][2, [1024 * c + 32 * 4 + 9 for c in range(3)]]
+    np.testing.assert_allclose(d.x_train[2, 4, 9], (pixel / 255.0 - 0.5) / 0.5, rtol=1e-6)
+    assert list(d.y_train[:16]) == list(batch[b"labels"])
+
+
+def test_missing_datasets_say_how_to_install_them(tmp_path):
+    with pytest.raises(data_lib.DatasetNotFound, match="apt-get install dataset-fashion-mnist"):
+        data_lib.load("fashion_mnist", root=str(tmp_path / "nowhere"))
+    with pytest.raises(data_lib.DatasetNotFound, match="data.root"):
+        data_lib.load("cifar10")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data_lib.load("imagenet")
+
+
+def test_toy_data_has_the_requested_classes():
+    for name in ("blobs", "circles", "swirls"):
+        d = data_lib.load(name, n=300, classes=3)
+        assert d.x_train.shape[1] == 2 and set(np.unique(d.y_train)) == {0, 1, 2}
+
+
+def test_onecycle_schedule_matches_torch_defaults():
+    lr, mom = optim.onecycle(100, 0.1), optim.onecycle_momentum(100)
+    assert float(lr(0)) == pytest.approx(0.1 / 25)           # starts at max / div_factor
+    assert float(lr(29)) == pytest.approx(0.1)               # peak at step 0.3·total - 1
+    assert float(lr(99)) == pytest.approx(0.1 / 25 / 1e4)    # ends at initial / final_div_factor
+    assert float(mom(0)) == pytest.approx(0.95) and float(mom(29)) == pytest.approx(0.85)
+    assert float(mom(99)) == pytest.approx(0.95)
+
+
+def _tiny(cfg_path, tmp_path, idx_dir, cifar_dir, *extra):
+    cfg = config_lib.load(cfg_path, [f"out_dir={tmp_path}", "epochs=1", "batch_size=16",
+                                     "data.subset=48", "eval_batch_size=16", *extra])
+    if cfg["data"]["name"] in ("mnist", "fashion_mnist"):
+        cfg["data"]["root"] = idx_dir
+    if cfg["data"]["name"].startswith("cifar"):
+        cfg["data"]["root"] = cifar_dir
+    if cfg["data"]["name"] in ("blobs", "circles", "swirls"):
+        cfg["data"]["options"] = {**cfg["data"].get("options", {}), "n": 120}
+    return cfg
+
+
+@pytest.mark.parametrize("cfg_path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_every_config_runs_end_to_end(cfg_path, tmp_path, idx_dir, cifar_dir):
+    summary = train.train(_tiny(cfg_path, tmp_path, idx_dir, cifar_dir), progress=False)
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["method"] in ("lfp", "gd")
+    files = os.listdir(summary["run_dir"])
+    assert {"config.yaml", "metrics.jsonl", "checkpoint.msgpack", "summary.json"} <= set(files)
+
+
+def test_cli_prints_the_summary_as_its_last_line(tmp_path, capsys, idx_dir):
+    train.main(["--config", os.path.join(CONFIG_DIR, "digits_mlp_lfp.yaml"), "--no-progress",
+                "--set", f"out_dir={tmp_path}", "--set", "epochs=1", "--set", "data.subset=64"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"test_accuracy", "train_seconds", "method", "seed"} <= set(last)
+
+
+def test_resume_continues_where_the_checkpoint_stopped(tmp_path, idx_dir, cifar_dir):
+    base = os.path.join(CONFIG_DIR, "digits_mlp_lfp.yaml")
+    full = train.train(_tiny(base, tmp_path / "a", idx_dir, cifar_dir, "epochs=3"), progress=False)
+    cfg = _tiny(base, tmp_path / "b", idx_dir, cifar_dir, "epochs=3")
+    train.train({**cfg, "epochs": 2}, progress=False)          # stop after two epochs ...
+    resumed = train.train(cfg, resume=True, progress=False)     # ... and continue to three
+    assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
+    with open(os.path.join(resumed["run_dir"], "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
