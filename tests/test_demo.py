@@ -1,11 +1,21 @@
-"""The README's main job runs end to end (one short epoch per method) and learns something."""
+"""The README's main job and the results page run end to end (tiny settings)."""
 
-from experiments import demo
+import json
+
+from experiments import demo, results, study
 
 
-def test_demo_trains_both_methods(capsys):
-    demo.main(["--epochs", "2"])
-    out = capsys.readouterr().out
-    assert "lfp: test accuracy" in out and "gd: test accuracy" in out
-    results = demo.train("lfp", epochs=2, seed=0, lr=0.01)
-    assert results["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+def test_demo_compares_lfp_and_gradient_descent(tmp_path, capsys):
+    table = demo.main(["--epochs", "2", "--out-dir", str(tmp_path), "--no-progress"])
+    assert set(table["digits"]) == {"lfp", "gd"}
+    assert table["digits"]["lfp"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == table
+
+
+def test_a_study_and_the_results_page(tmp_path):
+    study.main(["rewards", "--quick", "--seeds", "1", "--quiet", "--out-dir", str(tmp_path / "runs"),
+                "--results", str(tmp_path / "results")])
+    page = results.render(str(tmp_path / "results"))
+    assert "## Non-differentiable rewards" in page and "misclassification" in page
+    assert (tmp_path / "results" / "rewards" / "rewards.png").exists()
