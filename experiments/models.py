@@ -58,6 +58,17 @@ def conv(features: int, kernel: int, fan_in: int, padding="VALID", strides=1, us
                    name=name)
 
 
+def classifier(x, widths: Sequence[int], act: Callable, dropout: float, num_classes: int,
+               train: bool) -> jax.Array:
+    """Dense layers with activation (and dropout), then the output layer; ``x`` is flattened."""
+    x = x.reshape(x.shape[0], -1)
+    for width in widths:
+        x = act(dense(width, x.shape[-1])(x))
+        if dropout:
+            x = nn.Dropout(dropout, deterministic=not train)(x)
+    return dense(num_classes, x.shape[-1])(x)
+
+
 class MLP(nn.Module):
     hidden: Sequence[int] = (120, 84)
     num_classes: int = 10
@@ -66,13 +77,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1)
-        act = _act(self.activation)
-        for width in self.hidden:
-            x = act(dense(width, x.shape[-1])(x))
-            if self.dropout:
-                x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return dense(self.num_classes, x.shape[-1])(x)
+        return classifier(x, self.hidden, _act(self.activation), self.dropout, self.num_classes, train)
 
 
 class LeNet(nn.Module):
@@ -85,11 +90,7 @@ class LeNet(nn.Module):
         act = _act(self.activation)
         x = nn.max_pool(act(conv(16, 5, x.shape[-1])(x)), (2, 2), (2, 2))
         x = nn.max_pool(act(conv(16, 5, 16)(x)), (2, 2), (2, 2))
-        x = x.reshape(x.shape[0], -1)
-        for width in (120, 84):
-            x = act(dense(width, x.shape[-1])(x))
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return dense(self.num_classes, x.shape[-1])(x)
+        return classifier(x, (120, 84), act, self.dropout, self.num_classes, train)
 
 
 class CifarVGGLike(nn.Module):
@@ -104,11 +105,7 @@ class CifarVGGLike(nn.Module):
             for width in block:
                 x = act(conv(width, 3, x.shape[-1], padding=1)(x))
             x = nn.max_pool(x, (2, 2), (2, 2))
-        x = x.reshape(x.shape[0], -1)
-        for width in (1024, 512):
-            x = act(dense(width, x.shape[-1])(x))
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return dense(self.num_classes, x.shape[-1])(x)
+        return classifier(x, (1024, 512), act, self.dropout, self.num_classes, train)
 
 
 class BasicBlock(nn.Module):

@@ -19,36 +19,31 @@ def _cosine(start: float, end: float, frac):
     return end + (start - end) * (1 + jnp.cos(math.pi * frac)) / 2
 
 
-def onecycle(total_steps: int, max_value: float, *, pct_start: float = 0.3, div_factor: float = 25.0,
-             final_div_factor: float = 1e4):
-    """PyTorch's OneCycleLR learning rate as an optax schedule."""
-    initial = max_value / div_factor
-    final = initial / final_div_factor
+def _two_phase(total_steps: int, start: float, peak: float, end: float, pct_start: float):
+    """Cosine from ``start`` to ``peak`` until step ``pct_start·total - 1``, then to ``end``."""
     up = max(int(pct_start * total_steps) - 1, 1)
     down = max(total_steps - 1 - up, 1)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        rising = _cosine(initial, max_value, jnp.clip(step / up, 0, 1))
-        falling = _cosine(max_value, final, jnp.clip((step - up) / down, 0, 1))
-        return jnp.where(step <= up, rising, falling)
+        first = _cosine(start, peak, jnp.clip(step / up, 0, 1))
+        second = _cosine(peak, end, jnp.clip((step - up) / down, 0, 1))
+        return jnp.where(step <= up, first, second)
 
     return schedule
+
+
+def onecycle(total_steps: int, max_value: float, *, pct_start: float = 0.3, div_factor: float = 25.0,
+             final_div_factor: float = 1e4):
+    """PyTorch's OneCycleLR learning rate as an optax schedule."""
+    initial = max_value / div_factor
+    return _two_phase(total_steps, initial, max_value, initial / final_div_factor, pct_start)
 
 
 def onecycle_momentum(total_steps: int, *, base: float = 0.85, high: float = 0.95,
                       pct_start: float = 0.3):
     """OneCycle's momentum: ``high`` → ``base`` while the learning rate rises, then back."""
-    up = max(int(pct_start * total_steps) - 1, 1)
-    down = max(total_steps - 1 - up, 1)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        falling = _cosine(high, base, jnp.clip(step / up, 0, 1))
-        rising = _cosine(base, high, jnp.clip((step - up) / down, 0, 1))
-        return jnp.where(step <= up, falling, rising)
-
-    return schedule
+    return _two_phase(total_steps, high, base, high, pct_start)
 
 
 def make(cfg: dict, total_steps: int) -> optax.GradientTransformation:
