@@ -7,6 +7,7 @@
     python -m experiments.study all
 
 Options: ``--seeds N`` (default 3), ``--force`` (retrain runs that already have a summary),
+``--set key=value`` (applied to every run, e.g. ``data.root`` for a directory of idx files),
 ``--quick`` (tiny subsets and one epoch: a smoke test), ``--out-dir`` for run folders (``runs``) and
 ``--results`` for the study outputs (``results``). Each study writes ``<results>/<study>/results.json``
 and PNG plots; runs already finished are reused, so an interrupted study continues where it stopped.
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
@@ -48,7 +48,7 @@ class Runner:
         base = dict(overrides or {})
         base["seed"] = seed
         base["out_dir"] = self.args.out_dir
-        cfg = config_lib.load(os.path.join(CONFIGS, config_file), base=base)
+        cfg = config_lib.load(os.path.join(CONFIGS, config_file), self.args.set, base=base)
         if self.args.quick:
             cfg["epochs"] = 1
             cfg["data"]["subset"] = 256
@@ -325,8 +325,9 @@ def main(argv=None) -> None:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--out-dir", default="runs")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key in every run, e.g. --set data.root=/path/to/idx")
     args = parser.parse_args(argv)
-    jax.config.update("jax_enable_x64", False)
     runner = Runner(args)
     for name in (sorted(STUDIES) if args.study == "all" else [args.study]):
         print(f"== study {name}")

@@ -2,6 +2,8 @@
 
 import json
 
+from _data import write_idx_dataset
+
 from experiments import demo, results, study
 
 
@@ -14,8 +16,9 @@ def test_demo_compares_lfp_and_gradient_descent(tmp_path, capsys):
 
 
 def test_a_study_and_the_results_page(tmp_path):
+    root = write_idx_dataset(tmp_path)  # MNIST-format files, whether or not MNIST is installed
     study.main(["rewards", "--quick", "--seeds", "1", "--quiet", "--out-dir", str(tmp_path / "runs"),
-                "--results", str(tmp_path / "results")])
+                "--results", str(tmp_path / "results"), "--set", f"data.root={root}"])
     page = results.render(str(tmp_path / "results"))
     assert "## Non-differentiable rewards" in page and "misclassification" in page
     assert (tmp_path / "results" / "rewards" / "rewards.png").exists()

@@ -1,14 +1,13 @@
 """Experiments: loaders on files the tests write, every config end to end on a tiny subset, resume."""
 
 import glob
-import gzip
 import json
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest
+from _data import write_idx, write_idx_dataset
 
 from experiments import config as config_lib
 from experiments import data as data_lib
@@ -18,21 +17,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 
 
-def write_idx(path, array):
-    array = np.asarray(array, np.uint8)
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 32)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    return str(root)
+    return write_idx_dataset(tmp_path_factory.mktemp("idx"))
 
 
 @pytest.fixture(scope="module")
