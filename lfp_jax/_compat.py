@@ -58,10 +58,6 @@ def scan_layout(params: dict) -> tuple[int, int]:
     return len(list(groups[0].vals)), len(list(groups[1].vals))
 
 
-def cond_branches_key(params: dict) -> str:
-    return "branches"
-
-
 def while_layout(params: dict) -> tuple[int, int]:
     """``(cond_nconsts, body_nconsts)`` of a while equation."""
     return params["cond_nconsts"], params["body_nconsts"]

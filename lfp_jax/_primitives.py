@@ -9,7 +9,6 @@ part of a site. Primitives in no table are *unknown* and refused.
 
 from __future__ import annotations
 
-from lfp_jax import _compat
 from lfp_jax._graph import is_float
 
 STRUCTURAL = {
@@ -32,7 +31,6 @@ ELEMENTWISE = {
 RANDOM = {"random_bits", "threefry2x32", "rng_bit_generator", "rng_uniform"}
 NO_REWARD = {"stop_gradient", "random_bits", "random_seed", "random_wrap", "random_unwrap",
              "random_fold_in", "random_split", "threefry2x32", "iota", "rng_bit_generator"}
-CONTROL_FLOW = _compat.SCAN | _compat.COND | _compat.WHILE | _compat.REMAT
 
 
 def register_primitive(name: str, category: str) -> None:
