@@ -274,17 +274,23 @@ class LinearRule(Rule):
         return with_backward(call, operands, backward)
 
     def _propagate(self, f, x, w, relevance):
-        def z_of(activations, weight):
-            return sum(s * f(a, wk) for (_, wk, s), a in zip(self.terms(x, weight), activations))
+        return _propagate_terms(self.terms, self.epsilon, f, x, w, relevance)
 
-        acts = [a for a, _, _ in self.terms(x, w)]
-        z, vjp_a = jax.vjp(lambda acts_: z_of(acts_, w), acts)
-        s = relevance / stabilize(z, self.epsilon)
-        (ct_acts,) = vjp_a(s)
-        r_x = sum(a * c for a, c in zip(acts, ct_acts))  # c already carries the term's sign
-        _, vjp_w = jax.vjp(lambda weight: z_of(acts, weight), w)
-        (c_w,) = vjp_w(s)
-        return r_x, c_w
+
+def _propagate_terms(terms, epsilon, f, x, w, relevance):
+    """``(R_x, c_W)`` of the modified forward ``z = Σ σ_k f(a_k, w_k)`` given by ``terms(x, w)``."""
+
+    def z_of(activations, weight):
+        return sum(s * f(a, wk) for (_, wk, s), a in zip(terms(x, weight), activations))
+
+    acts = [a for a, _, _ in terms(x, w)]
+    z, vjp_a = jax.vjp(lambda acts_: z_of(acts_, w), acts)
+    s = relevance / stabilize(z, epsilon)
+    (ct_acts,) = vjp_a(s)
+    r_x = sum(a * c for a, c in zip(acts, ct_acts))  # c already carries the term's sign
+    _, vjp_w = jax.vjp(lambda weight: z_of(acts, weight), w)
+    (c_w,) = vjp_w(s)
+    return r_x, c_w
 
 
 def _pos(a: Array) -> Array:
@@ -353,22 +359,11 @@ class AlphaBeta(LinearRule):
     beta: float = 1.0
 
     def _propagate(self, f, x, w, relevance):
-        parts = []
+        r_x, c_w = 0.0, 0.0
         for coef, (wp, wn) in ((self.alpha, (_pos, _neg)), (-self.beta, (_neg, _pos))):
-            rule = _Terms(self.epsilon, lambda x_, w_, wp=wp, wn=wn: [
-                (_pos(x_), wp(w_), 1.0), (_neg(x_), wn(w_), 1.0)])
-            r_x, c_w = LinearRule._propagate(rule, f, x, w, relevance)
-            parts.append((coef * r_x, coef * c_w))
-        return parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]
+            def terms(x_, w_, wp=wp, wn=wn):
+                return [(_pos(x_), wp(w_), 1.0), (_neg(x_), wn(w_), 1.0)]
 
-
-@dataclasses.dataclass(frozen=True)
-class _Terms(LinearRule):
-    make: Callable = None  # type: ignore[assignment]
-
-    def __init__(self, epsilon, make):
-        object.__setattr__(self, "epsilon", epsilon)
-        object.__setattr__(self, "make", make)
-
-    def terms(self, x, w):
-        return self.make(x, w)
+            part_x, part_w = _propagate_terms(terms, self.epsilon, f, x, w, relevance)
+            r_x, c_w = r_x + coef * part_x, c_w + coef * part_w
+        return r_x, c_w
