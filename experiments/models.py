@@ -10,6 +10,9 @@ name                    architecture
                         1024, dropout, 512, dropout, C (no BatchNorm)
 ``resnet``              CIFAR-style ResNet with BatchNorm: conv3x3-16, 3 stages of ``blocks`` basic
                         blocks (16/32/64 channels), global average pooling, C
+``resnet18``            ResNet-18 with BatchNorm and a CIFAR stem: conv3x3-64, 4 stages of 2 basic
+                        blocks (64/128/256/512 channels, stride 2 from stage 2 on), global average
+                        pooling, C (11.2 M parameters)
 ======================  ===========================================================================
 
 Activations: ``relu``, ``leaky_relu``, ``tanh``, ``sigmoid``, ``silu``, ``elu``, ``gelu``, ``step``
@@ -126,17 +129,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    """Basic-block ResNet: ``widths[i]`` channels and ``blocks`` (per stage, or one count for all)."""
+
     num_classes: int = 10
     activation: str = "relu"
-    blocks: int = 1
+    blocks: int | Sequence[int] = 1
+    widths: Sequence[int] = (16, 32, 64)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         act = _act(self.activation)
-        x = conv(16, 3, x.shape[-1], padding=1, use_bias=False)(x)
+        blocks = (self.blocks,) * len(self.widths) if isinstance(self.blocks, int) else tuple(self.blocks)
+        if len(blocks) != len(self.widths):
+            raise ValueError(f"ResNet: blocks {self.blocks} does not give one count per stage of widths "
+                             f"{tuple(self.widths)}")
+        x = conv(self.widths[0], 3, x.shape[-1], padding=1, use_bias=False)(x)
         x = act(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-        for stage, width in enumerate((16, 32, 64)):
-            for b in range(self.blocks):
+        for stage, width in enumerate(self.widths):
+            for b in range(blocks[stage]):
                 x = BasicBlock(width, 2 if (stage > 0 and b == 0) else 1, self.activation)(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return dense(self.num_classes, x.shape[-1])(x)
@@ -146,9 +156,12 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     """A model of the zoo by name; ``kwargs`` are its fields (``activation``, ``hidden``, ...)."""
     if name == "toy_mlp":
         return MLP(hidden=(32, 16), num_classes=num_classes, **kwargs)
+    for field in ("hidden", "widths", "blocks"):
+        if isinstance(kwargs.get(field), list):
+            kwargs[field] = tuple(kwargs[field])
+    if name == "resnet18":
+        return ResNet(num_classes=num_classes, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), **kwargs)
     zoo = {"mlp": MLP, "lenet": LeNet, "cifar_vgg": CifarVGGLike, "resnet": ResNet}
     if name not in zoo:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(zoo) + ['toy_mlp']}")
-    if "hidden" in kwargs:
-        kwargs["hidden"] = tuple(kwargs["hidden"])
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(zoo) + ['toy_mlp', 'resnet18']}")
     return zoo[name](num_classes=num_classes, **kwargs)

@@ -190,9 +190,74 @@ class Gradient(Rule):
 
 @dataclasses.dataclass(frozen=True)
 class WinnerTakeAll(Rule):
-    """Max pooling: all reward of a window goes to its arg-max (the VJP of ``max``)."""
+    """Max pooling: all reward of a window goes to its arg-max (the VJP of ``max``).
+
+    Ties go to the first maximum of the window in row-major order, as in the VJP of
+    ``reduce_window``. Non-overlapping pooling (window = stride, no padding or dilation; the usual
+    2x2/2 pool) is evaluated on CPU as a reshape and a reduction, forward and backward, with the same
+    values and routing: XLA's CPU ``reduce_window`` and its VJP ``select_and_scatter_add`` are several
+    times slower than that (benchmarks/lenet_cpu.py).
+    """
 
     kinds: ClassVar[frozenset[str]] = frozenset({"max_pool"})
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        window = _tiling_window(call)
+        if window is None:
+            return call.fn(*operands)
+
+        def backward(ops, outs, ct):
+            return [_tiled_argmax_route(ops[0], outs[0], ct, window)] + [None] * (len(ops) - 1)
+
+        def tiled(*ops):
+            return with_backward(call._replace(fn=lambda *o: (_tiled_max(o[0], window),)), ops, backward)
+
+        return jax.lax.platform_dependent(*operands, cpu=tiled, default=call.fn)
+
+
+def _tiling_window(call: SiteCall) -> tuple[int, ...] | None:
+    """The window of a ``reduce_window_max`` site whose windows tile its input, else ``None``."""
+    site = call.site
+    if tuple(site.primitives) != ("reduce_window_max",) or len(call.carries_reward) != 1:
+        return None
+    params = site.params[0]
+    window = tuple(params["window_dimensions"])
+    if (tuple(params["window_strides"]) != window
+            or any(tuple(p) != (0, 0) for p in params["padding"])
+            or any(d != 1 for d in params["base_dilation"])
+            or any(d != 1 for d in params["window_dilation"])):
+        return None
+    return window
+
+
+def _tiled_max(x: Array, window: tuple[int, ...]) -> Array:
+    out = tuple(n // w for n, w in zip(x.shape, window))
+    x = x[tuple(slice(0, o * w) for o, w in zip(out, window))]
+    split = [d for o, w in zip(out, window) for d in (o, w)]
+    return jnp.max(x.reshape(split), axis=tuple(range(1, 2 * len(window), 2)))
+
+
+def _tiled_argmax_route(x: Array, y: Array, ct: Array, window: tuple[int, ...]) -> Array:
+    """``ct`` of each window sent to the first maximum of the window (row-major), zeros elsewhere."""
+    out = y.shape
+    kept = x[tuple(slice(0, o * w) for o, w in zip(out, window))]
+    split = [d for o, w in zip(out, window) for d in (o, w)]
+    xs = kept.reshape(split)
+    axes = tuple(range(1, 2 * len(window), 2))
+    expand = lambda a: jnp.expand_dims(a, axes)
+    # Row-major position of each element inside its window, shaped to broadcast against ``xs``.
+    index = jnp.zeros([1] * len(split), jnp.int32)
+    stride = 1
+    for k in reversed(range(len(window))):
+        shape = [1] * len(split)
+        shape[2 * k + 1] = window[k]
+        index = index + stride * jnp.arange(window[k], dtype=jnp.int32).reshape(shape)
+        stride *= window[k]
+    candidate = jnp.where(xs == expand(y), index, stride)
+    first = jnp.min(candidate, axis=axes)
+    routed = jnp.where(index == expand(first), expand(ct), jnp.zeros((), ct.dtype)).reshape(kept.shape)
+    pad = [(0, n - k) for n, k in zip(x.shape, kept.shape)]
+    return jnp.pad(routed, pad) if any(p[1] for p in pad) else routed
 
 
 @dataclasses.dataclass(frozen=True)

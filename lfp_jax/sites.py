@@ -63,6 +63,7 @@ class Site:
       operands: its external inputs (graph values or constants), reward-carrying ones first.
       output: the value it hands on; ``extras`` are inner values used elsewhere without reward.
       name_stack: Flax module path / named scope ('' for none); source_line: the user's code.
+      primitives, params: name and parameters of each primitive in ``nodes``.
       rule: the rule chosen by the composite.
     """
 
@@ -75,6 +76,7 @@ class Site:
     name_stack: str
     source_line: str
     primitives: tuple[str, ...]
+    params: tuple[dict, ...] = ()
     rule: Any = None
     input_epsilon: float | None = None
     carries_reward: tuple[bool, ...] = ()
@@ -264,6 +266,7 @@ class _Analysis(DataFlow):
             kind=kind, label=label, nodes=tuple(nodes), operands=tuple(operands), output=output,
             extras=extras, name_stack=first.path, source_line=first.where,
             primitives=tuple(g.nodes[r].name for r in nodes),
+            params=tuple(g.nodes[r].params for r in nodes),
             carries_reward=tuple(carries[k] for k in order),
         )
 
