@@ -1,17 +1,28 @@
 """LFP step against gradient step: median step time, first call, peak memory.
 
-    python -m benchmarks.step_time [--models mlp,lenet] [--batch 128] [--steps 100] [--json out.json]
+    python -m benchmarks.step_time [--models mlp,lenet,cifar_vgg,resnet18] [--batch 128]
+        [--steps 50] [--max-seconds 60] [--json out.json] [--reference-python /path/to/python]
 
-For each model, a jitted LFP training step (``lfp_jax.lfp_value_and_grad`` + optax) and a jitted
-``jax.value_and_grad`` step with the same optimiser are timed *alternately* in one process (so both see
-the same machine state); the table shows medians, their ratio, the first call (trace + compile + run)
-and the peak temporary memory from the compiled executables' memory analysis.
+For each model, a jitted LFP training step (``lfp_jax.lfp_value_and_grad`` + optax SGD with momentum)
+and a jitted ``jax.grad`` step of the batch-mean cross-entropy with the same optimiser are timed
+*alternately* in one process (so both see the same machine state), ``--steps`` times each or until
+``--max-seconds`` have passed (at least 5 each). The table shows:
+
+* the median step times and their ratio LFP / grad;
+* the first call (trace + lower + compile + one run), measured twice per method in the order
+  LFP, grad, grad, LFP on fresh functions, keeping each method's faster one;
+* memory: arguments + outputs + temporaries of each compiled executable (XLA's memory analysis);
+* with ``--reference-python``, the reference implementation's (lfprop, PyTorch) LFP and gradient step
+  on the same shapes, run by ``tools/lfprop_reference/step_time.py`` in that interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import subprocess
 import time
 
 import jax
@@ -22,7 +33,9 @@ import optax
 import lfp_jax
 from experiments import models
 
-SHAPES = {"mlp": (28, 28, 1), "lenet": (28, 28, 1), "cifar_vgg": (32, 32, 3), "resnet": (32, 32, 3)}
+SHAPES = {"mlp": (28, 28, 1), "lenet": (28, 28, 1), "cifar_vgg": (32, 32, 3), "resnet": (32, 32, 3),
+          "resnet18": (32, 32, 3)}
+REFERENCE_MODELS = {"mlp", "lenet"}
 
 
 def _steps(name: str, batch: int):
@@ -77,12 +90,20 @@ def _peak_bytes(compiled) -> int | None:
         return None
 
 
-def bench(name: str, batch: int, steps: int) -> dict:
-    p, s, x, y, lfp_step, grad_step = _steps(name, batch)
-    lfp_c, lfp_first = _first_call(lfp_step, p, s, x, y)
-    grad_c, grad_first = _first_call(grad_step, p, s, x, y)
+def bench(name: str, batch: int, steps: int, max_seconds: float = float("inf")) -> dict:
+    first: dict[str, list[float]] = {"lfp": [], "grad": []}
+    compiled = {}
+    for label in ("lfp", "grad", "grad", "lfp"):
+        p, s, x, y, lfp_step, grad_step = _steps(name, batch)  # fresh functions: nothing cached
+        compiled[label], seconds = _first_call(lfp_step if label == "lfp" else grad_step, p, s, x, y)
+        first[label].append(seconds)
+    lfp_first, grad_first = min(first["lfp"]), min(first["grad"])
+    lfp_c, grad_c = compiled["lfp"], compiled["grad"]
     times = {"lfp": [], "grad": []}
-    for _ in range(steps):
+    start = time.perf_counter()
+    for i in range(steps):
+        if i >= 5 and time.perf_counter() - start > max_seconds:
+            break
         for label, c in (("lfp", lfp_c), ("grad", grad_c)):
             t = time.perf_counter()
             jax.block_until_ready(c(p, s, x, y))
@@ -90,7 +111,7 @@ def bench(name: str, batch: int, steps: int) -> dict:
     med = {k: float(np.median(v)) for k, v in times.items()}
     mem = {"lfp": _peak_bytes(lfp_c), "grad": _peak_bytes(grad_c)}
     return {
-        "model": name, "batch": batch, "device": jax.devices()[0].device_kind,
+        "model": name, "batch": batch, "device": jax.devices()[0].device_kind, "steps": len(times["lfp"]),
         "lfp_ms": 1e3 * med["lfp"], "grad_ms": 1e3 * med["grad"], "ratio": med["lfp"] / med["grad"],
         "lfp_first_s": lfp_first, "grad_first_s": grad_first, "first_ratio": lfp_first / grad_first,
         "lfp_bytes": mem["lfp"], "grad_bytes": mem["grad"],
@@ -98,23 +119,75 @@ def bench(name: str, batch: int, steps: int) -> dict:
     }
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="mlp,lenet")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    rows = [bench(m, args.batch, args.steps) for m in args.models.split(",")]
-    print(f"{'model':<10} {'batch':>5} {'LFP ms':>8} {'grad ms':>8} {'ratio':>6} {'1st LFP s':>9} "
-          f"{'1st grad s':>10} {'mem ratio':>9}")
+def reference(python: str, models: list[str], batch: int, steps: int) -> dict[str, dict]:
+    """The reference implementation's step times, from ``tools/lfprop_reference/step_time.py``."""
+    wanted = [m for m in models if m in REFERENCE_MODELS]
+    if not wanted:
+        return {}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "tools", "lfprop_reference", "step_time.py")
+    done = subprocess.run([python, script, "--models", ",".join(wanted), "--batch", str(batch),
+                           "--steps", str(steps)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the reference run failed ({python} {script}):\n{done.stderr[-2000:]}")
+    return {r["model"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (what the README shows)."""
+    has_ref = any("ref_lfp_ms" in r for r in rows)
+    head = ("| model | batch | LFP ms | grad ms | LFP/grad | first call LFP s | first call grad s | first "
+            "ratio | memory ratio |")
+    if has_ref:
+        head += " reference LFP ms | reference grad ms | reference LFP/grad |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         mem = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] else "n/a"
-        print(f"{r['model']:<10} {r['batch']:>5} {r['lfp_ms']:8.2f} {r['grad_ms']:8.2f} {r['ratio']:6.2f} "
-              f"{r['lfp_first_s']:9.2f} {r['grad_first_s']:10.2f} {mem:>9}")
+        line = (f"| {r['model']} | {r['batch']} | {r['lfp_ms']:.2f} | {r['grad_ms']:.2f} | "
+                f"{r['ratio']:.2f} | {r['lfp_first_s']:.2f} | {r['grad_first_s']:.2f} | "
+                f"{r['first_ratio']:.2f} | {mem} |")
+        if has_ref:
+            if "ref_lfp_ms" in r:
+                line += (f" {r['ref_lfp_ms']:.2f} | {r['ref_grad_ms']:.2f} | "
+                         f"{r['ref_lfp_ms'] / r['ref_grad_ms']:.2f} |")
+            else:
+                line += " – | – | – |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="mlp,lenet,cifar_vgg,resnet18",
+                        help=f"comma-separated, from {sorted(SHAPES)}")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per method (at most)")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="stop timing a model after this long (at least 5 steps each)")
+    parser.add_argument("--json", default=None, help="write the rows (and the environment) here")
+    parser.add_argument("--reference-python", default=None,
+                        help="python of an environment with torch and lfprop: also time the reference")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(SHAPES)}")
+    rows = []
+    for m in models:
+        rows.append(bench(m, args.batch, args.steps, args.max_seconds))
+        print(f"{m}: LFP {rows[-1]['lfp_ms']:.2f} ms, grad {rows[-1]['grad_ms']:.2f} ms", flush=True)
+    if args.reference_python:
+        ref = reference(args.reference_python, models, args.batch, args.steps)
+        for r in rows:
+            r.update({k: v for k, v in ref.get(r["model"], {}).items() if k.startswith("ref_") or k in
+                      ("torch", "threads")})
+    print(table(rows))
     if args.json:
+        env = {"jax": jax.__version__, "backend": jax.default_backend(),
+               "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+               "date": datetime.date.today().isoformat()}
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
     return rows
 
 

@@ -271,3 +271,47 @@ def test_half_precision_dropout_and_zero_activations_stay_finite():
     out, fb_fn = lfp_jax.lfp_vjp(fun, (w1, w2), x, jax.random.key(0))
     fb, rel, _ = fb_fn(jnp.ones_like(out))
     assert all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in (*fb, rel))
+
+
+@pytest.mark.parametrize(
+    "shape, window",
+    [((3, 8, 6, 2), (1, 2, 2, 1)),  # the usual 2x2/2 pool
+     ((2, 7, 5, 3), (1, 2, 2, 1)),  # sizes that do not divide: the remainder is dropped
+     ((2, 9, 4), (1, 3, 2)),  # 1-d pooling with a non-square window
+     ((4, 6), (2, 3))],
+)
+def test_tiled_max_pool_matches_reduce_window_and_its_vjp_with_ties(shape, window):
+    """On CPU, non-overlapping max pooling is evaluated by reshape + reduce: same values, and the reward
+    of each window goes to the same element as XLA's ``select_and_scatter`` (first maximum)."""
+    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 1.5)  # many ties inside windows
+
+    def pool(a):
+        return jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, window, window, "VALID")
+
+    y, vjp = jax.vjp(pool, x)
+    ct = jax.random.normal(jax.random.key(1), y.shape)
+    assert int(jnp.sum(pool(x)[..., None] == x.reshape(-1)[None])) > y.size  # ties do occur
+    np.testing.assert_array_equal(rules._tiled_max(x, window), y)
+    np.testing.assert_array_equal(rules._tiled_argmax_route(x, y, ct, window), vjp(ct)[0])
+
+
+def test_max_pool_feedback_with_ties_is_the_same_as_the_plain_vjp_rule():
+    """WinnerTakeAll (tiled on CPU) and the Gradient rule (reduce_window's VJP) route identically."""
+
+    def f(p, x):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["w"], (1, 1), "VALID",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return jax.nn.relu(h.reshape(h.shape[0], -1) @ p["d"])
+
+    k = jax.random.split(jax.random.key(2), 3)
+    x = jnp.round(jax.random.normal(k[0], (4, 9, 9, 2)))
+    p = {"w": jnp.round(jax.random.normal(k[1], (2, 2, 2, 3)) * 2), "d": jax.random.normal(k[2], (48, 5))}
+    y = jnp.arange(4)
+    assert lfp_jax.describe(f, p, x).count("max_pool") >= 1
+    plain = lfp_jax.lfp_epsilon().with_rules((Match(kind="max_pool"), rules.Gradient()))
+    fast = lfp_jax.lfp_grad(f, lfp_jax.rewards.softmax_loss, reward_argnums=(2,))(p, x, y)
+    slow = lfp_jax.lfp_grad(f, lfp_jax.rewards.softmax_loss, reward_argnums=(2,), composite=plain)(p, x, y)
+    assert float(jnp.abs(fast["w"]).max()) > 0
+    for key in p:
+        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-12, atol=1e-12)
