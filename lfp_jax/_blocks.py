@@ -3,8 +3,10 @@
 A linear site (or a normalisation, a residual sum, a pooling) starts a block that extends through
 following affine, structural and routing primitives (``x @ W`` then ``+ b``). Its output is
 stabilised, ``c ← c · y / (y + ε·sign(y))`` in the backward pass, where it enters the next block; an
-activation applies the same ε in its own ``φ(x)/stab(x)``. This state flows into and out of
-``scan``/``cond``/``remat`` bodies, whose sub-graphs are analysed here.
+activation applies the same ε in its own ``φ(x)/stab(x)``, a LIF neuron replaces it with its own
+normaliser. Spikes (a LIF site's output, ``rules.ABSOLUTE``) take reward as is: where they enter any
+other computation than a move (reshape, stack, ...) the engine applies ``c ← c · y`` instead. This
+state flows into and out of ``scan``/``cond``/``remat`` bodies, whose sub-graphs are analysed here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from lfp_jax import _compat
 from lfp_jax._dataflow import output_taint
 from lfp_jax._graph import Graph, is_float
 from lfp_jax.errors import UnsupportedControlFlowError
+from lfp_jax.rules import ABSOLUTE
 
 
 def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out: list) -> None:
@@ -43,23 +46,39 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
     for step in plan.schedule:
         if not isinstance(step, int):  # a Site
             site = step
-            if site.kind == "activation":
+            absolute_in = pending(site.operands[0]) is ABSOLUTE
+            if site.kind == "activation" and not absolute_in:
                 site.input_epsilon = pending(site.operands[0])
-            elif site.kind in _BLOCK_KINDS:
+            elif site.kind == "spiking":  # the current's ε is replaced by the neuron's own normaliser
+                node = g.nodes[site.nodes[0]]
+                for pos, a in enumerate(node.inputs):
+                    if pos != 0 or pending(a) is ABSOLUTE:
+                        wrap(site.nodes[0], pos, a)
+            elif site.kind in _BLOCK_KINDS or absolute_in:
+                # absolute reward (spikes) enters any other site in the normalised form
                 inside = {o for r in site.nodes for o in g.nodes[r].outputs}
                 for r in site.nodes:
                     for pos, a in enumerate(g.nodes[r].inputs):
                         if not (isinstance(a, int) and a in inside):
                             wrap(r, pos, a)
-            e = site.rule.output_epsilon if site.kind in _BLOCK_KINDS else pending(site.operands[0])
-            if e is not None and site.kind in _BLOCK_KINDS + ("max_pool", "dropout"):
+            if site.kind in _BLOCK_KINDS:
+                e = site.rule.output_epsilon
+            elif site.kind == "spiking":
+                e = site.rule.output_epsilon if site.output_positions[0] == 0 else None
+            elif site.kind in ("max_pool", "dropout") and not absolute_in:
+                e = pending(site.operands[0])
+            else:
+                e = None
+            if e is not None:
                 eps[site.output] = e
             continue
         i = step
         cat = cats.get(i)
         if cat in ("affine", "structural", "routing"):
             tin = [a for a in flow._tin(i) if is_float(g.aval(a))]
-            if len(tin) == 1 and pending(tin[0]) is not None:
+            if len(tin) == 1 and pending(tin[0]) is ABSOLUTE and cat != "structural":
+                wrap(i, list(g.nodes[i].inputs).index(tin[0]), tin[0])  # only moves keep it absolute
+            elif len(tin) == 1 and pending(tin[0]) is not None:
                 for o in g.nodes[i].outputs:
                     if o is not None:
                         eps[o] = eps[tin[0]]

@@ -3,8 +3,8 @@
 *structural* primitives move values unchanged (reward moves with them); *mixing* ones are linear in
 their one input-dependent operand (``dot_general``, convolutions, sums, sum pooling); *affine* ones add,
 multiply or divide by a constant (a bias, a scale, the ``1/n`` of a mean); *routing* ones select one
-input per output (max pooling); everything *elementwise* and not affine is *nonlinear* and must become
-part of a site. Primitives in no table are *unknown* and refused.
+input per output (max pooling); *spiking* ones are a LIF neuron step; everything *elementwise* and
+not affine is *nonlinear* and must become part of a site. Primitives in no table are *unknown* and refused.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ ELEMENTWISE = {
     "digamma", "integer_pow", "square", "pow", "clamp", "eq", "ne", "lt", "le", "gt", "ge", "and",
     "or", "not", "xor", "rem", "atan2", "nextafter", "is_finite", "reciprocal",
 }
+SPIKING = {"lif_step"}  # lfp_jax.nn.spiking: one time step of a LIF neuron layer
 RANDOM = {"random_bits", "threefry2x32", "rng_bit_generator", "rng_uniform"}
 NO_REWARD = {"stop_gradient", "random_bits", "random_seed", "random_wrap", "random_unwrap",
              "random_fold_in", "random_split", "threefry2x32", "iota", "rng_bit_generator"}
@@ -63,6 +64,8 @@ def category(flow, i: int) -> str:
         return "structural" if ok else "nonlinear"
     if name in STRUCTURAL:
         return "structural"
+    if name in SPIKING:
+        return "spiking"
     if name in ROUTING:
         return "routing"
     if name in ("dot_general", "conv_general_dilated"):

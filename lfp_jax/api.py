@@ -27,7 +27,7 @@ from lfp_jax import _graph, sites
 from lfp_jax.composites import Composite, lfp_epsilon
 from lfp_jax.errors import FrozenParameterError, FrozenParameterWarning, LFPError, RewardError
 from lfp_jax.interpreter import evaluate
-from lfp_jax.rules import safe_divide, stabilize
+from lfp_jax.rules import ABSOLUTE, safe_divide, stabilize
 
 Array = jax.Array
 
@@ -160,7 +160,10 @@ def lfp_vjp(
                 continue
             eps = t.plan.output_epsilon.get(k)  # the ε rule of the block producing the output
             r = jax.lax.stop_gradient(jnp.asarray(r, out.dtype))
-            seeds.append(safe_divide(r, out) if eps is None else r / stabilize(out, eps))
+            if eps is ABSOLUTE:  # spikes: the reward itself (see rules.ABSOLUTE)
+                seeds.append(r)
+            else:
+                seeds.append(safe_divide(r, out) if eps is None else r / stabilize(out, eps))
         cts = vjp_fn(seeds)
         result_leaves: list[Any] = [None] * len(t.leaves)
         for k, ct in zip(t.diff, cts):

@@ -97,7 +97,8 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
     Dense/Conv (with bias), residual sums, average pooling, means and normalisations (one block, exact
     Jacobian, batch statistics included) use :class:`~lfp_jax.rules.Epsilon`; every activation uses
     :class:`~lfp_jax.rules.Identity`; max pooling :class:`~lfp_jax.rules.WinnerTakeAll`; dropout
-    :class:`~lfp_jax.rules.Dropout` (``dropout_rescale=False`` conserves reward instead).
+    :class:`~lfp_jax.rules.Dropout` (``dropout_rescale=False`` conserves reward instead); LIF neurons
+    :class:`~lfp_jax.rules.SpikingEpsilon`.
 
     Args:
       epsilon: ε of every ε rule; 1e-6 in the reference (1.0 for its transformers).
@@ -113,6 +114,7 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
             (Match(kind="activation"), R.Identity()),
             (Match(kind="max_pool"), R.WinnerTakeAll()),
             (Match(kind="dropout"), R.Dropout(rescale=dropout_rescale)),
+            (Match(kind="spiking"), R.SpikingEpsilon(epsilon)),
         ),
         name=f"lfp_epsilon(epsilon={epsilon:g})",
     )

@@ -19,7 +19,7 @@ from jax.extend import core as jex
 
 from lfp_jax import _compat
 from lfp_jax._graph import Lit, Node
-from lfp_jax.rules import SiteCall, stabilize
+from lfp_jax.rules import ABSOLUTE, SiteCall, stabilize
 from lfp_jax.sites import Plan, Site
 
 
@@ -91,6 +91,8 @@ def _boundary_fwd(value, epsilon):
 
 
 def _boundary_bwd(epsilon, value, ct):
+    if epsilon is ABSOLUTE:  # a spiking output: its producer takes the reward itself, R = y ⊙ c
+        return (ct * value,)
     return (ct * value / stabilize(value, epsilon),)
 
 

@@ -27,6 +27,8 @@ rule                  site kinds              backward
 :class:`WinnerTakeAll` max_pool               reward to the arg-max
 :class:`Dropout`      dropout                 the reference's VJP on ``R`` (rescales by 1/(1-p)),
                                               or the conservative ``R_x = mask ⊙ R_y``
+:class:`SpikingEpsilon` spiking (LIF step)   membrane-based normaliser, reward handed to the
+                                              previous membrane, Heaviside bypassed
 :class:`ZPlus`,       linear                  classic LRP rules as *terms* of a modified
 :class:`Gamma`,                               forward pass (see :class:`LinearRule`)
 :class:`AlphaBeta`,
@@ -51,6 +53,25 @@ Array = jax.Array
 def stabilize(z: Array, epsilon: float) -> Array:
     r"""The ε stabiliser ``z + ε·sign(z)`` with ``sign(0) = +1`` (so it is never zero for ε > 0)."""
     return z + jnp.where(z >= 0, epsilon, -epsilon).astype(z.dtype)
+
+
+class _Absolute:
+    """The marker :data:`ABSOLUTE`."""
+
+    def __repr__(self) -> str:
+        return "ABSOLUTE"
+
+    def __reduce__(self):
+        return "ABSOLUTE"
+
+
+ABSOLUTE = _Absolute()
+"""``output_epsilon`` of a rule whose output takes reward as is, ``R``, not normalised by its value.
+
+Spikes are 0 or 1, so the normalised form ``c = R / y`` cannot hold reward on a silent neuron; a
+spiking rule's output therefore receives ``R`` itself: at a model output the seed is the reward, and
+where the spikes enter another layer the engine converts that layer's ``c`` to ``R = y ⊙ c``.
+"""
 
 
 def safe_divide(a: Array, z: Array) -> Array:
@@ -101,7 +122,8 @@ class Rule:
         return call.fn(*operands)
 
 
-def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable) -> tuple:
+def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable, *,
+                  all_outputs: bool = False) -> tuple:
     """Evaluate a site with a custom backward pass: the building block of site-local rules.
 
     ``backward(operands, outputs, ct)`` receives the site's operands and outputs (saved from the
@@ -110,6 +132,8 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable)
     ``c_x``; for parameter operands (weights) it is ``c_W`` with feedback ``|W| ⊙ c_W``; ``None``
     means zero (and is required for integer operands). Anything the rule needs (modified forward
     passes, state such as a membrane potential) is computed inside ``backward`` from saved values.
+    With ``all_outputs=True``, ``ct`` is the tuple of cotangents of all outputs (``(output, *extras)``),
+    for sites whose further outputs receive reward too (a LIF neuron's new membrane).
     """
 
     @jax.custom_vjp
@@ -122,7 +146,7 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable)
 
     def bwd(res, cts):
         ops, outs = res
-        grads = backward(ops, outs, cts[0])
+        grads = backward(ops, outs, tuple(cts) if all_outputs else cts[0])
         return tuple(
             g if (g is not None and jnp.issubdtype(jnp.result_type(op), jnp.inexact)) else None
             for g, op in zip(grads, ops)
@@ -184,7 +208,7 @@ class Gradient(Rule):
 
     kinds: ClassVar[frozenset[str]] = frozenset(
         {"linear", "sum", "pool", "normalization", "activation", "max_pool", "dropout", "softmax",
-         "bilinear", "nonlinear"}
+         "bilinear", "nonlinear", "spiking"}
     )
 
 
@@ -287,6 +311,68 @@ class Dropout(Rule):
             return grads
 
         return with_backward(call, operands, backward)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpikingEpsilon(Rule):
+    r"""LFP for a LIF neuron step (the reference's spiking rule); see :mod:`lfp_jax.nn.spiking`.
+
+    At one time step, with current ``I_t`` (from the parameterised layer before the neuron), membrane
+    ``u_t`` before and ``u_{t+1}`` after the step, and the reset ``ρ_t = H(u_t - ϑ)``:
+
+    .. math::
+
+        R &= R_{\text{spikes}} + R_{u_{t+1}} \quad\text{(reward on the spikes, plus the reward that
+             step } t+1 \text{ handed back to this membrane)}\\
+        s &= R \,/\, \mathrm{stab}\big(|u_t| + |u_{t+1} + ρ_t ϑ - u_t|\big),\qquad
+        R_{u_t} = u_t ⊙ β s,\qquad c_{I_t} = s .
+
+    The spike's Heaviside is bypassed (reward on a spike counts as reward on the membrane) and the reset
+    is not differentiated. ``c_{I_t} = s`` goes on into the layer that produced the current, whose own
+    VJP then gives the feedback ``|θ| ⊙ J_θᵀ s`` and the input reward ``x ⊙ J_xᵀ s``: the ε of that
+    layer is replaced by this membrane-based normaliser. Over a ``lax.scan`` in time, feedback of the
+    same parameters adds up over steps (and over the batch).
+
+    Args:
+      epsilon: the stabiliser of the denominator (which is ``>= 0``: ``stab(d) = d + ε``).
+    """
+
+    epsilon: float = 1e-6
+    kinds: ClassVar[frozenset[str]] = frozenset({"spiking"})
+
+    @property
+    def output_epsilon(self):
+        return ABSOLUTE
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        site = call.site
+        if site.operand_positions is None or sorted(site.operand_positions) != [0, 1]:
+            raise ValueError(f"SpikingEpsilon needs a lif_step site with a current and a membrane operand, "
+                             f"got the {site.kind!r} site ({site.label}) at {site.source_line}")
+        params = site.params[0]
+        beta, threshold = params["beta"], params["threshold"]
+        where = {p: k for k, p in enumerate(site.operand_positions)}  # primitive input -> operand
+        outs_at = {p: k for k, p in enumerate(site.output_positions)}  # primitive output -> output
+        eps = self.epsilon
+
+        def backward(ops, outs, cts):
+            current, membrane = ops[where[0]], ops[where[1]]
+            reset = (membrane > threshold).astype(current.dtype) * threshold
+            # the new membrane (an output when it is used elsewhere, as it is inside a scan over time)
+            new = outs[outs_at[1]] if 1 in outs_at else beta * membrane + current - reset
+            reward = jnp.zeros_like(new)
+            if 0 in outs_at:
+                reward = reward + cts[outs_at[0]]  # reward on spikes: absolute (ABSOLUTE)
+            if 1 in outs_at:
+                reward = reward + new * cts[outs_at[1]]  # handed back from step t+1 (normalised form)
+            denom = jnp.abs(membrane) + jnp.abs(new + reset - membrane)
+            s = reward / (denom + eps)
+            grads: list = [None] * len(ops)
+            grads[where[0]] = s
+            grads[where[1]] = beta * s
+            return grads
+
+        return with_backward(call, operands, backward, all_outputs=True)
 
 
 # --- classic LRP rules on linear sites -------------------------------------------------------------

@@ -57,13 +57,15 @@ class Site:
 
     Attributes:
       kind: ``linear``, ``sum``, ``pool``, ``max_pool``, ``activation``, ``normalization``,
-        ``softmax``, ``dropout``, ``bilinear`` or ``nonlinear``.
+        ``softmax``, ``dropout``, ``spiking``, ``bilinear`` or ``nonlinear``.
       label: what it computes (``dense``, ``conv``, ``relu``, ``silu``, ``batch_norm``, ...).
       nodes: indices of its primitives in the graph, in order.
       operands: its external inputs (graph values or constants), reward-carrying ones first.
       output: the value it hands on; ``extras`` are inner values used elsewhere without reward.
       name_stack: Flax module path / named scope ('' for none); source_line: the user's code.
       primitives, params: name and parameters of each primitive in ``nodes``.
+      operand_positions, output_positions: for a one-primitive site, where each operand sits among
+        the primitive's inputs and where ``(output, *extras)`` sit among its outputs.
       rule: the rule chosen by the composite.
     """
 
@@ -77,6 +79,8 @@ class Site:
     source_line: str
     primitives: tuple[str, ...]
     params: tuple[dict, ...] = ()
+    operand_positions: tuple[int, ...] | None = None
+    output_positions: tuple[int, ...] | None = None
     rule: Any = None
     input_epsilon: float | None = None
     carries_reward: tuple[bool, ...] = ()
@@ -115,6 +119,12 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
     return _Analysis(graph, in_taint, out_relevant, composite,
                      list(in_eps) if in_eps is not None else [None] * n_in,
                      list(wrap_out) if wrap_out is not None else [False] * n_out).run()
+
+
+def _position(atoms: tuple, atom: Any) -> int:
+    """Index of ``atom`` (a value id or a constant) in ``atoms``, by identity for constants."""
+    return next(k for k, b in enumerate(atoms)
+                if (b is atom) or (isinstance(atom, int) and isinstance(b, int) and b == atom))
 
 
 class _Analysis(DataFlow):
@@ -199,6 +209,8 @@ class _Analysis(DataFlow):
         if cat == "routing":
             return self._make_site("max_pool", name.replace("reduce_window_", "") + "_pool"
                                    if "window" in name else name, [i], None, None)
+        if cat == "spiking":
+            return self._make_site("spiking", "lif", [i], None, None)
         if cat == "structural" and name == "select_n":
             return self._dropout_site(i)
         return None
@@ -262,11 +274,16 @@ class _Analysis(DataFlow):
             if o is not None and o != output and self._used_outside(o, set(nodes))
         )
         first = g.nodes[nodes[0]]
+        single = g.nodes[nodes[0]] if len(nodes) == 1 else None
         return Site(
             kind=kind, label=label, nodes=tuple(nodes), operands=tuple(operands), output=output,
             extras=extras, name_stack=first.path, source_line=first.where,
             primitives=tuple(g.nodes[r].name for r in nodes),
             params=tuple(g.nodes[r].params for r in nodes),
+            operand_positions=None if single is None else tuple(
+                _position(single.inputs, a) for a in operands),
+            output_positions=None if single is None else tuple(
+                _position(single.outputs, v) for v in (output,) + extras),
             carries_reward=tuple(carries[k] for k in order),
         )
 
