@@ -13,7 +13,19 @@ name                    architecture
 ``resnet18``            ResNet-18 with BatchNorm and a CIFAR stem: conv3x3-64, 4 stages of 2 basic
                         blocks (64/128/256/512 channels, stride 2 from stage 2 on), global average
                         pooling, C (11.2 M parameters)
+``snn_mlp``             LIF MLP in-``hidden``-C (default 784-1000-10): Dense → LIF per layer, ``steps``
+                        time steps (default 15) in a ``lax.scan``; outputs spikes ``(T, batch, C)``
+``snn_cnn``             LIF CNN: conv16 5x5 → LIF → max pool, conv16 5x5 → LIF → max pool, Dense C →
+                        LIF, over ``steps`` time steps
 ======================  ===========================================================================
+
+Spiking models (:mod:`lfp_jax.nn.spiking`): leak ``beta`` 0.9, threshold 1, reset by subtraction, a
+true Heaviside spike (``surrogate: null``) or snntorch's arc-tangent surrogate for gradient descent
+(``surrogate: atan``). ``encoding: direct`` feeds the image as a constant current at every step (the
+first layer is then computed once, outside the time loop: the same numbers, and its feedback is the
+sum over steps as before); ``encoding: rate`` draws Bernoulli spikes with probability ``(x + 1) / 2``
+(inputs are normalised to [-1, 1]) from the ``"spikes"`` RNG stream. Predictions are the arg-max of
+output spike counts.
 
 Activations: ``relu``, ``leaky_relu``, ``tanh``, ``sigmoid``, ``silu``, ``elu``, ``gelu``, ``step``
 (Heaviside ``H(x) = 1[x > 0]``, whose derivative is zero: gradient descent cannot train through it).
@@ -23,13 +35,14 @@ exactly 0 (LFP cannot move zeros); BatchNorm scale 1 and offset 0 as in PyTorch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lfp_jax.nn import torch_bias_init, torch_kernel_init
+from lfp_jax.nn import spiking, torch_bias_init, torch_kernel_init
 
 
 def step(x: jax.Array) -> jax.Array:
@@ -152,16 +165,143 @@ class ResNet(nn.Module):
         return dense(self.num_classes, x.shape[-1])(x)
 
 
+class _Params(nn.Module):
+    """Kernel and bias of a Dense (``kernel=None``) or Conv layer, for use inside ``lax.scan``."""
+
+    features: int
+    kernel: int | None = None
+
+    @nn.compact
+    def __call__(self, fan_in: int):
+        if self.kernel is None:
+            shape, bias_fan_in = (fan_in, self.features), fan_in
+        else:
+            shape, bias_fan_in = (self.kernel, self.kernel, fan_in, self.features), fan_in * self.kernel ** 2
+        return (self.param("kernel", torch_kernel_init(), shape),
+                self.param("bias", torch_bias_init(bias_fan_in), (self.features,)))
+
+
+def _conv(x, kernel, bias):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
+def encode_inputs(model: nn.Module, x: jax.Array, key: jax.Array) -> jax.Array:
+    """The input ``model`` takes for images ``x``: rate-coded frames ``(T, batch, ...)`` for a spiking
+    model with ``encoding: rate`` (Bernoulli spikes with probability ``(x + 1) / 2``), else ``x``.
+
+    The frames are drawn outside the model so that they are its input: reward reaches the first
+    layer through them, as through any input.
+    """
+    if getattr(model, "encoding", "direct") != "rate":
+        return x
+    return spiking.rate_encode(key, (x + 1) / 2, model.steps)
+
+
+def _frames(encoding: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(one frame for shapes, all frames or None) for the model input ``x``."""
+    if encoding == "direct":
+        return x, None
+    if encoding != "rate":
+        raise ValueError(f"encoding must be 'direct' or 'rate', got {encoding!r}")
+    if x.ndim < 3:
+        raise ValueError(f"encoding 'rate' takes frames (T, batch, ...) from models.encode_inputs, got "
+                         f"shape {x.shape}")
+    return x[0], x
+
+
+def _run(layers, x, first, frames, steps, lif):
+    """``layers[0]`` on ``x`` (once, for direct encoding) or on each frame; LIF after every layer."""
+    current = None if frames is not None else first(x)
+
+    def step(membranes, frame):
+        new = []
+        h = None
+        for k, (layer, u) in enumerate(zip(layers, membranes)):
+            cur = (current if frame is None else first(frame)) if k == 0 else layer(h)
+            h, u = lif(cur, u)
+            new.append(u)
+        return new, h
+
+    shapes = []
+    h = jax.eval_shape(first, x)
+    shapes.append(h)
+    for layer in layers[1:]:
+        h = jax.eval_shape(layer, jax.ShapeDtypeStruct(h.shape, h.dtype))
+        shapes.append(h)
+    membranes = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    _, spikes = jax.lax.scan(step, membranes, frames, length=steps)
+    return spikes
+
+
+class SpikingMLP(nn.Module):
+    num_classes: int = 10
+    hidden: Sequence[int] = (1000,)
+    steps: int = 15
+    beta: float = 0.9
+    threshold: float = 1.0
+    surrogate: str | None = None
+    encoding: str = "direct"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x, frames = _frames(self.encoding, x)
+        x = x.reshape(x.shape[0], -1)
+        if frames is not None:
+            frames = frames.reshape(*frames.shape[:2], -1)
+        params, fan_in = [], x.shape[-1]
+        for k, width in enumerate((*self.hidden, self.num_classes)):
+            params.append(_Params(width, name=f"Dense_{k}")(fan_in))
+            fan_in = width
+        layers = [lambda h, p=p: h @ p[0] + p[1] for p in params]
+        lif = functools.partial(spiking.lif_step, beta=self.beta, threshold=self.threshold,
+                                surrogate=self.surrogate)
+        return _run(layers, x, layers[0], frames, self.steps, lif)
+
+
+class SpikingCNN(nn.Module):
+    num_classes: int = 10
+    channels: Sequence[int] = (16, 16)
+    steps: int = 15
+    beta: float = 0.9
+    threshold: float = 1.0
+    surrogate: str | None = None
+    encoding: str = "direct"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x, frames = _frames(self.encoding, x)
+        convs, fan_in = [], x.shape[-1]
+        for k, width in enumerate(self.channels):
+            convs.append(_Params(width, 5, name=f"Conv_{k}")(fan_in))
+            fan_in = width
+        size = x.shape[1]
+        for _ in self.channels:
+            size = (size - 4) // 2
+        head = _Params(self.num_classes, name="Dense_0")(size * size * fan_in)
+        pool = lambda h: nn.max_pool(h, (2, 2), (2, 2))  # noqa: E731
+        layers = [lambda h, p=convs[0]: _conv(h, *p)]
+        layers += [lambda h, p=p: _conv(pool(h), *p) for p in convs[1:]]
+        layers += [lambda h: pool(h).reshape(h.shape[0], -1) @ head[0] + head[1]]
+        lif = functools.partial(spiking.lif_step, beta=self.beta, threshold=self.threshold,
+                                surrogate=self.surrogate)
+        return _run(layers, x, layers[0], frames, self.steps, lif)
+
+
+SPIKING = ("snn_mlp", "snn_cnn")
+
+
 def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     """A model of the zoo by name; ``kwargs`` are its fields (``activation``, ``hidden``, ...)."""
     if name == "toy_mlp":
         return MLP(hidden=(32, 16), num_classes=num_classes, **kwargs)
-    for field in ("hidden", "widths", "blocks"):
+    for field in ("hidden", "widths", "blocks", "channels"):
         if isinstance(kwargs.get(field), list):
             kwargs[field] = tuple(kwargs[field])
     if name == "resnet18":
         return ResNet(num_classes=num_classes, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), **kwargs)
-    zoo = {"mlp": MLP, "lenet": LeNet, "cifar_vgg": CifarVGGLike, "resnet": ResNet}
+    zoo = {"mlp": MLP, "lenet": LeNet, "cifar_vgg": CifarVGGLike, "resnet": ResNet, "snn_mlp": SpikingMLP,
+           "snn_cnn": SpikingCNN}
     if name not in zoo:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(zoo) + ['toy_mlp', 'resnet18']}")
     return zoo[name](num_classes=num_classes, **kwargs)

@@ -1,9 +1,10 @@
 r"""Rewards at the model outputs (the reference implementation's set).
 
-Every reward takes the outputs ``z`` (shape ``(batch, classes)``) and labels, and returns an array
-shaped like ``z``. Labels are integer class indices ``(batch,)`` or one-hot / multi-hot floats
-``(batch, classes)``. Rewards are per sample: nothing is averaged over the batch (feedback is a batch
-sum). Positive reward at an output means "more of this".
+Every reward takes the outputs ``z`` (shape ``(batch, classes)``; spike rewards: output spike trains of
+shape ``(T, batch, classes)``) and labels, and returns an array shaped like ``z``. Labels are integer
+class indices ``(batch,)`` or one-hot / multi-hot floats ``(batch, classes)``. Rewards are per sample:
+nothing is averaged over the batch (feedback is a batch sum). Positive reward at an output means "more
+of this".
 
 Bind the labels with a closure or ``functools.partial`` for :func:`lfp_jax.lfp_value_and_feedback`,
 or pass them through its ``reward_argnums``.
@@ -93,5 +94,51 @@ def minimize_neuron(z: Array, labels: ArrayLike | None = None) -> Array:
     return -maximize_neuron(z)
 
 
+# --- spiking outputs: spike trains of shape (T, batch, classes) --------------------------------------
+
+
+def _spike_targets(spikes: Array, labels: ArrayLike) -> Array:
+    if spikes.ndim != 3:
+        raise ValueError(f"spike rewards take output spikes of shape (T, batch, classes), got shape "
+                         f"{spikes.shape}")
+    return _targets(spikes[0], labels)[None]
+
+
+def spike_rate_coded(spikes: Array, labels: ArrayLike) -> Array:
+    r"""The reference's rate-coded reward on output spike trains ``spikes`` of shape ``(T, B, C)``.
+
+    With ``N_c = Σ_t s_{t,c}`` spikes and ``N̄_c = T − N_c`` silent steps of class ``c``:
+
+    .. math::
+
+        r_{t,c} = \begin{cases} 1 - σ(N_y - ⌊T/2⌋) & c = y \text{ (every step)}\\
+                  -s_{t,c}\,\big(1 - σ(N̄_c - ⌊T/2⌋)\big) & c ≠ y \text{ (steps where it fired)}
+                  \end{cases}
+
+    The true class is rewarded at every step, less as it fires more than half the time; a wrong class
+    is punished where it fired, less as it stays silent more. Predict with ``spikes.sum(0).argmax(-1)``.
+    """
+    onehot = _spike_targets(spikes, labels)
+    half = spikes.shape[0] // 2
+    fired = jnp.sum(spikes, axis=0, keepdims=True)
+    silent = jnp.sum(jnp.abs(spikes - 1), axis=0, keepdims=True)
+    pos = 1 - jax.nn.sigmoid(fired - half)
+    neg = 1 - jax.nn.sigmoid(silent - half)
+    return jnp.where(onehot == 1, jnp.ones_like(spikes) * pos, -spikes * neg).astype(spikes.dtype)
+
+
+def spike_count_softmax_loss(spikes: Array, labels: ArrayLike, *, epsilon: float = 1e-6) -> Array:
+    r"""Softmax-loss reward on spike counts, spread over the steps where each output fired.
+
+    With counts ``N = Σ_t s_t`` (the logits of a rate-coded network), ``r_N = N ⊙ (onehot(y) −
+    softmax(N))`` (:func:`softmax_loss`), handed to the steps in proportion to their spikes, as the ε rule
+    of the sum over time does: ``r_{t} = s_t ⊙ r_N / (N + ε)``. A class that never fired gets none.
+    """
+    onehot = _spike_targets(spikes, labels)[0]
+    counts = jnp.sum(spikes, axis=0)
+    r = counts * (onehot - jax.nn.softmax(counts, axis=-1))
+    return (spikes * (r / (counts + epsilon))[None]).astype(spikes.dtype)
+
+
 __all__ = ["softmax_loss", "sigmoid_loss", "bounded_softmax", "correct_class", "misclassification",
-           "maximize_neuron", "minimize_neuron"]
+           "maximize_neuron", "minimize_neuron", "spike_rate_coded", "spike_count_softmax_loss"]

@@ -333,12 +333,24 @@ class SpikingEpsilon(Rule):
     layer is replaced by this membrane-based normaliser. Over a ``lax.scan`` in time, feedback of the
     same parameters adds up over steps (and over the batch).
 
+    With ``normalizer="epsilon"`` the neuron step is treated as a plain LFP-ε block instead (for
+    comparison): ``s = R / (u_{t+1} + ε·sign(u_{t+1}))``, the ε rule of ``u_{t+1} = β u_t + I_t − ρ_t ϑ``
+    with the reset as a constant bias.
+
     Args:
-      epsilon: the stabiliser of the denominator (which is ``>= 0``: ``stab(d) = d + ε``).
+      epsilon: the stabiliser of the denominator (``"membrane"``: the denominator is ``>= 0`` and
+        ``stab(d) = d + ε``).
+      normalizer: ``"membrane"`` (the reference) or ``"epsilon"``.
     """
 
     epsilon: float = 1e-6
+    normalizer: str = "membrane"
     kinds: ClassVar[frozenset[str]] = frozenset({"spiking"})
+
+    def __post_init__(self):
+        if self.normalizer not in ("membrane", "epsilon"):
+            raise ValueError(f"SpikingEpsilon: normalizer must be 'membrane' or 'epsilon', got "
+                             f"{self.normalizer!r}")
 
     @property
     def output_epsilon(self):
@@ -365,8 +377,10 @@ class SpikingEpsilon(Rule):
                 reward = reward + cts[outs_at[0]]  # reward on spikes: absolute (ABSOLUTE)
             if 1 in outs_at:
                 reward = reward + new * cts[outs_at[1]]  # handed back from step t+1 (normalised form)
-            denom = jnp.abs(membrane) + jnp.abs(new + reset - membrane)
-            s = reward / (denom + eps)
+            if self.normalizer == "membrane":
+                s = reward / (jnp.abs(membrane) + jnp.abs(new + reset - membrane) + eps)
+            else:
+                s = reward / stabilize(new, eps)
             grads: list = [None] * len(ops)
             grads[where[0]] = s
             grads[where[1]] = beta * s
