@@ -76,7 +76,11 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
         cat = cats.get(i)
         if cat in ("affine", "structural", "routing"):
             tin = [a for a in flow._tin(i) if is_float(g.aval(a))]
-            if len(tin) == 1 and pending(tin[0]) is ABSOLUTE and cat != "structural":
+            if cat == "structural" and tin and all(pending(a) is ABSOLUTE for a in tin):
+                for o in g.nodes[i].outputs:  # moving, stacking or selecting spikes keeps R as it is
+                    if o is not None:
+                        eps[o] = ABSOLUTE
+            elif len(tin) == 1 and pending(tin[0]) is ABSOLUTE:
                 wrap(i, list(g.nodes[i].inputs).index(tin[0]), tin[0])  # only moves keep it absolute
             elif len(tin) == 1 and pending(tin[0]) is not None:
                 for o in g.nodes[i].outputs:
