@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "reward": {"name": "softmax_loss"},        # lfp: a function of lfp_jax.rewards (+ its options)
     "epsilon": 1e-6,                           # lfp: ε of the LFP-ε composite
     "dropout_rescale": True,                   # lfp: the reference's 1/(1-p) at dropout
+    "dtype": "float32",       # float32 | bfloat16: compute dtype of the training and evaluation passes
     "epochs": 10,
     "batch_size": 128,
     "eval_batch_size": 1000,
@@ -29,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
                   "weight_decay": 0.0, "schedule": "constant"},
     "out_dir": "runs",
 }
+
+
+DTYPES = ("float32", "bfloat16")
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -70,6 +74,8 @@ def load(path: str | None = None, overrides: list[str] = (), base: dict | None =
         set_key(cfg, assignment)
     if cfg["method"] not in ("lfp", "gd"):
         raise ValueError(f"method must be 'lfp' or 'gd', got {cfg['method']!r}")
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {cfg['dtype']!r}")
     cfg["name"] = cfg["name"] or f"{cfg['data']['name']}_{cfg['model']['name']}_{cfg['method']}"
     return cfg
 

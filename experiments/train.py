@@ -8,6 +8,12 @@ continues from it) and ``summary.json``. The last line printed is one JSON objec
 Both methods share data order, initialisation, model and optimiser; they differ in the update
 direction: ``method: lfp`` uses ``lfp_jax.lfp_value_and_grad`` (-feedback of the configured reward),
 ``method: gd`` the gradient of the mean cross-entropy.
+
+``dtype: bfloat16`` runs the model in bfloat16: parameters, BatchNorm statistics and optimiser state stay
+float32 (master weights); the model function casts parameters and inputs to bfloat16 on entry and its
+logits back to float32 on exit, so the forward pass and the LFP (or gradient) backward pass run in
+bfloat16 and the casts' transposes hand optax a float32 direction (LFP: ``|θ| ⊙ c_θ`` with the float32
+``θ`` and the bfloat16 ``c_θ``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ def reward_fn(cfg: dict):
     return functools.partial(fn, **spec) if spec else fn
 
 
+def cast_floats(tree, dtype):
+    """``tree`` with its floating-point leaves cast to ``dtype`` (other leaves, and ``None``, as they are)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+
+
 class Trainer:
     """Everything of one run but the loop: data, model, optimiser, jitted step and evaluation."""
 
@@ -54,6 +66,7 @@ class Trainer:
         model_kw = {k: v for k, v in cfg["model"].items() if k != "name"}
         self.model = models.build(cfg["model"]["name"], self.data.num_classes, **model_kw)
         self.key = jax.random.key(cfg["seed"])
+        self.compute_dtype = jnp.dtype(cfg.get("dtype") or "float32")
         variables = self.model.init(self.key, self.data.x_train[:2], train=False)
         self.params = variables["params"]
         self.batch_stats = variables.get("batch_stats")
@@ -66,6 +79,14 @@ class Trainer:
     # -- the step -----------------------------------------------------------------------------
 
     def _apply(self, params, batch_stats, x, key, train: bool):
+        """The model in the compute dtype: float32 state in, float32 logits and statistics out."""
+        if self.compute_dtype != jnp.float32:
+            params, batch_stats, x = cast_floats((params, batch_stats, x), self.compute_dtype)
+            out, new_stats = self._apply_model(params, batch_stats, x, key, train)
+            return out.astype(jnp.float32), cast_floats(new_stats, jnp.float32)
+        return self._apply_model(params, batch_stats, x, key, train)
+
+    def _apply_model(self, params, batch_stats, x, key, train: bool):
         variables = {"params": params}
         if batch_stats is not None:
             variables["batch_stats"] = batch_stats
