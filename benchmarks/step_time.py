@@ -4,7 +4,8 @@
         [--steps 50] [--max-seconds 60] [--json out.json] [--reference-python /path/to/python]
 
 For each model, a jitted LFP training step (``lfp_jax.lfp_value_and_grad`` + optax SGD with momentum)
-and a jitted ``jax.grad`` step of the batch-mean cross-entropy with the same optimiser are timed
+and a jitted ``jax.grad`` step of the batch-mean cross-entropy with the same optimiser (spiking
+models: surrogate-gradient descent, see :func:`_steps`) are timed
 *alternately* in one process (so both see the same machine state), ``--steps`` times each or until
 ``--max-seconds`` have passed (at least 5 each). The table shows:
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -34,12 +36,20 @@ import lfp_jax
 from experiments import models
 
 SHAPES = {"mlp": (28, 28, 1), "lenet": (28, 28, 1), "cifar_vgg": (32, 32, 3), "resnet": (32, 32, 3),
-          "resnet18": (32, 32, 3)}
+          "resnet18": (32, 32, 3), "snn_mlp": (28, 28, 1), "snn_cnn": (28, 28, 1)}
 REFERENCE_MODELS = {"mlp", "lenet"}
 
 
 def _steps(name: str, batch: int):
+    """Parameters, optimiser state, a batch, and the LFP and gradient training steps of one model.
+
+    Spiking models (T = 15): the LFP step uses the true Heaviside and the reference's rate-coded
+    reward; the gradient step the same network with the arc-tangent surrogate and the cross-entropy
+    rate loss (surrogate-gradient descent, the baseline LFP is compared with).
+    """
+    spiking = name in models.SPIKING
     model = models.build(name, 10)
+    grad_model = models.build(name, 10, surrogate="atan") if spiking else model
     x = jnp.ones((batch, *SHAPES[name]), jnp.float32)
     y = jnp.zeros((batch,), jnp.int32)
     variables = model.init(jax.random.key(0), x)
@@ -47,19 +57,21 @@ def _steps(name: str, batch: int):
     opt = optax.sgd(0.01, momentum=0.9)
     key = jax.random.key(1)
 
-    def fun(p, x):
+    def apply(m, p, x):
         v = {"params": p} if stats is None else {"params": p, "batch_stats": stats}
         kw = {"mutable": ["batch_stats"]} if stats is not None else {}
-        out = model.apply(v, x, train=True, rngs={"dropout": key}, **kw)
-        return out
+        return m.apply(v, x, train=True, rngs={"dropout": key}, **kw)
 
+    fun = functools.partial(apply, model)
     has_aux = stats is not None
-    lfp = lfp_jax.lfp_value_and_grad(fun, lfp_jax.rewards.softmax_loss, reward_argnums=(2,),
-                                     has_aux=has_aux, allow_frozen=True)
+    reward = lfp_jax.rewards.spike_rate_coded if spiking else lfp_jax.rewards.softmax_loss
+    lfp = lfp_jax.lfp_value_and_grad(fun, reward, reward_argnums=(2,), has_aux=has_aux, allow_frozen=True)
 
     def loss(p, x, y):
-        out = fun(p, x)
+        out = apply(grad_model, p, x)
         z = out[0] if has_aux else out
+        if spiking:
+            return models.ce_rate_loss(z, y)
         return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
     def lfp_step(p, s, x, y):

@@ -24,8 +24,10 @@ true Heaviside spike (``surrogate: null``) or snntorch's arc-tangent surrogate f
 (``surrogate: atan``). ``encoding: direct`` feeds the image as a constant current at every step (the
 first layer is then computed once, outside the time loop: the same numbers, and its feedback is the
 sum over steps as before); ``encoding: rate`` draws Bernoulli spikes with probability ``(x + 1) / 2``
-(inputs are normalised to [-1, 1]) from the ``"spikes"`` RNG stream. Predictions are the arg-max of
-output spike counts.
+(inputs are normalised to [-1, 1]), drawn by :func:`encode_inputs` outside the model. Each layer runs
+as its own ``lax.scan`` over the (unrolled) steps, with the layer applied to all ``T·batch`` inputs at
+once in between (``run_lif_layers(order="layer")``: same values and feedback as the reference's
+loop). Predictions are the arg-max of output spike counts.
 
 Activations: ``relu``, ``leaky_relu``, ``tanh``, ``sigmoid``, ``silu``, ``elu``, ``gelu``, ``step``
 (Heaviside ``H(x) = 1[x > 0]``, whose derivative is zero: gradient descent cannot train through it).
@@ -35,7 +37,6 @@ exactly 0 (LFP cannot move zeros); BatchNorm scale 1 and offset 0 as in PyTorch.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -210,28 +211,13 @@ def _frames(encoding: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     return x[0], x
 
 
-def _run(layers, x, first, frames, steps, lif):
-    """``layers[0]`` on ``x`` (once, for direct encoding) or on each frame; LIF after every layer."""
-    current = None if frames is not None else first(x)
-
-    def step(membranes, frame):
-        new = []
-        h = None
-        for k, (layer, u) in enumerate(zip(layers, membranes)):
-            cur = (current if frame is None else first(frame)) if k == 0 else layer(h)
-            h, u = lif(cur, u)
-            new.append(u)
-        return new, h
-
-    shapes = []
-    h = jax.eval_shape(first, x)
-    shapes.append(h)
-    for layer in layers[1:]:
-        h = jax.eval_shape(layer, jax.ShapeDtypeStruct(h.shape, h.dtype))
-        shapes.append(h)
-    membranes = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-    _, spikes = jax.lax.scan(step, membranes, frames, length=steps)
-    return spikes
+def _run(module: nn.Module, layers, x, frames):
+    """The layers, each followed by LIF neurons, over ``module.steps`` steps (one scan per layer)."""
+    kw = dict(beta=module.beta, threshold=module.threshold, surrogate=module.surrogate, order="layer",
+              unroll=module.unroll)
+    if frames is None:
+        return spiking.run_lif_layers(layers, x, steps=module.steps, **kw)
+    return spiking.run_lif_layers(layers, frames, **kw)
 
 
 class SpikingMLP(nn.Module):
@@ -242,6 +228,7 @@ class SpikingMLP(nn.Module):
     threshold: float = 1.0
     surrogate: str | None = None
     encoding: str = "direct"
+    unroll: bool = True  # unrolled time loops: XLA's CPU while loops are slow for these small bodies
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -254,9 +241,7 @@ class SpikingMLP(nn.Module):
             params.append(_Params(width, name=f"Dense_{k}")(fan_in))
             fan_in = width
         layers = [lambda h, p=p: h @ p[0] + p[1] for p in params]
-        lif = functools.partial(spiking.lif_step, beta=self.beta, threshold=self.threshold,
-                                surrogate=self.surrogate)
-        return _run(layers, x, layers[0], frames, self.steps, lif)
+        return _run(self, layers, x, frames)
 
 
 class SpikingCNN(nn.Module):
@@ -267,6 +252,7 @@ class SpikingCNN(nn.Module):
     threshold: float = 1.0
     surrogate: str | None = None
     encoding: str = "direct"
+    unroll: bool = True  # unrolled time loops: XLA's CPU while loops are slow for these small bodies
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -283,12 +269,22 @@ class SpikingCNN(nn.Module):
         layers = [lambda h, p=convs[0]: _conv(h, *p)]
         layers += [lambda h, p=p: _conv(pool(h), *p) for p in convs[1:]]
         layers += [lambda h: pool(h).reshape(h.shape[0], -1) @ head[0] + head[1]]
-        lif = functools.partial(spiking.lif_step, beta=self.beta, threshold=self.threshold,
-                                surrogate=self.surrogate)
-        return _run(layers, x, layers[0], frames, self.steps, lif)
+        return _run(self, layers, x, frames)
 
 
 SPIKING = ("snn_mlp", "snn_cnn")
+
+
+def ce_rate_loss(spikes: jax.Array, labels: jax.Array) -> jax.Array:
+    """Gradient descent's loss for spiking outputs ``(T, batch, C)``: the cross-entropy of the spikes at
+    each step, averaged over steps and batch (snntorch's ``ce_rate_loss``)."""
+    logp = jax.nn.log_softmax(spikes, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[None, :, None].astype(jnp.int32), axis=-1))
+
+
+def logits_of(name: str, out: jax.Array) -> jax.Array:
+    """Class scores of a model's output: spike counts for spiking models, the output otherwise."""
+    return out.sum(0) if name in SPIKING else out
 
 
 def build(name: str, num_classes: int, **kwargs) -> nn.Module:

@@ -363,30 +363,39 @@ class SpikingEpsilon(Rule):
                              f"got the {site.kind!r} site ({site.label}) at {site.source_line}")
         params = site.params[0]
         beta, threshold = params["beta"], params["threshold"]
-        where = {p: k for k, p in enumerate(site.operand_positions)}  # primitive input -> operand
+        i_cur, i_mem = site.operand_positions.index(0), site.operand_positions.index(1)
         outs_at = {p: k for k, p in enumerate(site.output_positions)}  # primitive output -> output
-        eps = self.epsilon
+        eps, membrane_form = self.epsilon, self.normalizer == "membrane"
 
-        def backward(ops, outs, cts):
-            current, membrane = ops[where[0]], ops[where[1]]
+        @jax.custom_vjp
+        def step(*ops):
+            return tuple(call.fn(*ops))
+
+        def fwd(*ops):
+            # keep the membrane and the current (a constant current, as in direct encoding, is then
+            # one array for all steps) and recompute the new membrane in the backward pass
+            return tuple(call.fn(*ops)), (ops[i_mem], ops[i_cur])
+
+        def bwd(res, cts):
+            membrane, current = res
             reset = (membrane > threshold).astype(current.dtype) * threshold
-            # the new membrane (an output when it is used elsewhere, as it is inside a scan over time)
-            new = outs[outs_at[1]] if 1 in outs_at else beta * membrane + current - reset
+            new = beta * membrane + current - reset
             reward = jnp.zeros_like(new)
             if 0 in outs_at:
                 reward = reward + cts[outs_at[0]]  # reward on spikes: absolute (ABSOLUTE)
             if 1 in outs_at:
-                reward = reward + new * cts[outs_at[1]]  # handed back from step t+1 (normalised form)
-            if self.normalizer == "membrane":
+                reward = reward + new * cts[outs_at[1]]  # handed back from step t+1 (normalised)
+            if membrane_form:
                 s = reward / (jnp.abs(membrane) + jnp.abs(new + reset - membrane) + eps)
             else:
                 s = reward / stabilize(new, eps)
-            grads: list = [None] * len(ops)
-            grads[where[0]] = s
-            grads[where[1]] = beta * s
-            return grads
+            grads: list = [None, None]
+            grads[i_cur] = s
+            grads[i_mem] = (beta * s).astype(membrane.dtype)
+            return tuple(grads)
 
-        return with_backward(call, operands, backward, all_outputs=True)
+        step.defvjp(fwd, bwd)
+        return step(*operands)
 
 
 # --- classic LRP rules on linear sites -------------------------------------------------------------

@@ -81,10 +81,12 @@ def _tiny(T=2, B=3, D=4, H=5, C=3, seed=0):
     return p, x, r
 
 
-def _scan_model(T):
+def _scan_model(T, order="step", constant=False):
     def model(p, x):
-        frames = jnp.broadcast_to(x, (T, *x.shape))
-        return run_lif_layers([lambda a: a @ p["w1"] + p["b1"], lambda a: a @ p["w2"] + p["b2"]], frames)
+        layers = [lambda a: a @ p["w1"] + p["b1"], lambda a: a @ p["w2"] + p["b2"]]
+        if constant:  # direct encoding: the first layer's current computed once
+            return run_lif_layers(layers, x, steps=T, order=order)
+        return run_lif_layers(layers, jnp.broadcast_to(x, (T, *x.shape)), order=order)
     return model
 
 
@@ -140,6 +142,8 @@ def test_spiking_rule_equals_the_reference_equations_on_a_two_step_network(norma
 
 
 def test_scan_over_time_equals_the_unrolled_loop():
+    """One scan over time (step order), one scan per layer (layer order), with frames or a constant input:
+    all equal the Python loop and the reference's equations."""
     T = 5
     p, x, r = _tiny(T=T, seed=3)
 
@@ -153,12 +157,16 @@ def test_scan_over_time_equals_the_unrolled_loop():
             out.append(s2)
         return jnp.stack(out)
 
-    f_scan, _ = lfp_jax.lfp_vjp(_scan_model(T), p, x)[1](r)
-    f_loop, _ = lfp_jax.lfp_vjp(unrolled, p, x)[1](r)
-    ref, _ = _numpy_reference(p, x, r)
-    for k in p:
-        np.testing.assert_allclose(f_scan[k], f_loop[k], rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(f_scan[k], ref[k], rtol=1e-9, atol=1e-12)
+    f_loop, r_loop = lfp_jax.lfp_vjp(unrolled, p, x)[1](r)
+    ref, ref_in = _numpy_reference(p, x, r)
+    for order in ("step", "layer"):
+        for constant in (False, True):
+            f_scan, r_scan = lfp_jax.lfp_vjp(_scan_model(T, order, constant), p, x)[1](r)
+            for k in p:
+                np.testing.assert_allclose(f_scan[k], f_loop[k], rtol=1e-10, atol=1e-12)
+                np.testing.assert_allclose(f_scan[k], ref[k], rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(r_scan, ref_in, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(r_loop, ref_in, rtol=1e-9, atol=1e-12)
 
 
 def test_spiking_feedback_under_jit_and_vmap():
@@ -198,9 +206,13 @@ def test_spiking_cnn_with_max_pooling_against_per_layer_vjps():
 
     def model(p, x):
         frames = jnp.broadcast_to(x, (T, *x.shape))
-        return run_lif_layers([lambda h: conv(h, p["k"], p["c"]), lambda h: dense(h, p["w"], p["b"])], frames)
+        return run_lif_layers([lambda h: conv(h, p["k"], p["c"]), lambda h: dense(h, p["w"], p["b"])], frames,
+                              order=order)
 
+    order = "step"
     feedback, relevance = lfp_jax.lfp_vjp(model, p, x)[1](r)
+    order = "layer"
+    feedback_layer, relevance_layer = lfp_jax.lfp_vjp(model, p, x)[1](r)
 
     layers = [(lambda h, q: conv(h, q[0], q[1]), ("k", "c")), (lambda h, q: dense(h, q[0], q[1]), ("w", "b"))]
     u = [jnp.zeros((2, 6, 6, 2)), jnp.zeros((2, 3))]
@@ -232,7 +244,9 @@ def test_spiking_cnn_with_max_pooling_against_per_layer_vjps():
     for m in p:
         assert float(jnp.abs(ref[m]).max()) > 0
         np.testing.assert_allclose(feedback[m], ref[m], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(feedback_layer[m], ref[m], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(relevance, ref_in, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(relevance_layer, ref_in, rtol=1e-9, atol=1e-12)
 
 
 def test_spiking_rule_refuses_other_sites():
