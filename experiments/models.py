@@ -212,12 +212,26 @@ def _frames(encoding: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
 
 
 def _run(module: nn.Module, layers, x, frames):
-    """The layers, each followed by LIF neurons, over ``module.steps`` steps (one scan per layer)."""
+    """The layers, each followed by LIF neurons, over ``module.steps`` steps: one scan per layer (the
+    reference's step-by-step loop gives the same values and feedback). Each layer's mean firing rate
+    is sown into the ``intermediates`` collection as ``spike_rate_<k>``."""
     kw = dict(beta=module.beta, threshold=module.threshold, surrogate=module.surrogate, order="layer",
               unroll=module.unroll)
-    if frames is None:
-        return spiking.run_lif_layers(layers, x, steps=module.steps, **kw)
-    return spiking.run_lif_layers(layers, frames, **kw)
+    h = None
+    for k, layer in enumerate(layers):
+        if k == 0 and frames is None:
+            h = spiking.run_lif_layers([layer], x, steps=module.steps, **kw)
+        else:
+            h = spiking.run_lif_layers([layer], frames if k == 0 else h, **kw)
+        module.sow("intermediates", f"spike_rate_{k}", jax.lax.stop_gradient(jnp.mean(h)))
+    return h
+
+
+def spike_rates(model: nn.Module, params, x: jax.Array, key: jax.Array) -> list[float]:
+    """Mean firing rate (spikes per neuron and step) of each LIF layer of a spiking model on ``x``."""
+    _, state = model.apply({"params": params}, encode_inputs(model, x, key), mutable=["intermediates"])
+    inter = state["intermediates"]
+    return [float(inter[f"spike_rate_{k}"][0]) for k in range(len(inter))]
 
 
 class SpikingMLP(nn.Module):

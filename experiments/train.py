@@ -39,12 +39,18 @@ from experiments import models, optim
 
 
 def reward_fn(cfg: dict):
+    """The configured reward: a function of ``lfp_jax.rewards`` with its options; ``scale`` multiplies it
+    (the reference divides its spike reward by the number of time steps)."""
     spec = dict(cfg["reward"])
     name = spec.pop("name")
+    scale = spec.pop("scale", None)
     fn = getattr(lfp_jax.rewards, name, None)
     if fn is None or name not in lfp_jax.rewards.__all__:
         raise ValueError(f"unknown reward {name!r}; choose one of {lfp_jax.rewards.__all__}")
-    return functools.partial(fn, **spec) if spec else fn
+    fn = functools.partial(fn, **spec) if spec else fn
+    if scale is None:
+        return fn
+    return lambda z, y: fn(z, y) * scale
 
 
 def cast_floats(tree, dtype):
@@ -65,9 +71,14 @@ class Trainer:
             self.data = self.data.subset(int(d["subset"]))
         model_kw = {k: v for k, v in cfg["model"].items() if k != "name"}
         self.model = models.build(cfg["model"]["name"], self.data.num_classes, **model_kw)
+        self.spiking = cfg["model"]["name"] in models.SPIKING
+        if self.spiking and not cfg["reward"]["name"].startswith("spike_"):
+            raise ValueError(f"model {cfg['model']['name']!r} outputs spike trains (T, batch, classes): "
+                             f"set reward.name to a spike reward (spike_rate_coded or "
+                             f"spike_count_softmax_loss), not {cfg['reward']['name']!r}")
         self.key = jax.random.key(cfg["seed"])
         self.compute_dtype = jnp.dtype(cfg.get("dtype") or "float32")
-        variables = self.model.init(self.key, self.data.x_train[:2], train=False)
+        variables = self.model.init(self.key, self._inputs(self.data.x_train[:2], self.key), train=False)
         self.params = variables["params"]
         self.batch_stats = variables.get("batch_stats")
         self.steps_per_epoch = max(len(self.data.x_train) // cfg["batch_size"], 1)
@@ -77,6 +88,13 @@ class Trainer:
         self.predict = jax.jit(self._predict)
 
     # -- the step -----------------------------------------------------------------------------
+
+    def _inputs(self, x, key):
+        """The model's input for images ``x`` (rate-coded frames for ``encoding: rate`` spiking models)."""
+        return models.encode_inputs(self.model, x, key)
+
+    def _logits(self, out):
+        return models.logits_of(self.cfg["model"]["name"], out)
 
     def _apply(self, params, batch_stats, x, key, train: bool):
         """The model in the compute dtype: float32 state in, float32 logits and statistics out."""
@@ -112,39 +130,45 @@ class Trainer:
 
             def update_direction(params, batch_stats, x, key, y):
                 value, neg_feedback = direction(params, batch_stats, x, key, y)
-                logits, new_stats = value if has_bn else (value, None)
-                return logits, new_stats, neg_feedback
+                out, new_stats = value if has_bn else (value, None)
+                return out, new_stats, neg_feedback
         else:
             def loss_fn(params, batch_stats, x, key, y):
-                logits, new_stats = self._apply(params, batch_stats, x, key, True)
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-                return loss, (logits, new_stats)
+                out, new_stats = self._apply(params, batch_stats, x, key, True)
+                if self.spiking:  # surrogate-gradient descent: cross-entropy of the spikes per step
+                    loss = models.ce_rate_loss(out, y)
+                else:
+                    loss = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+                return loss, (out, new_stats)
 
             grad_fn = jax.grad(loss_fn, has_aux=True)
 
             def update_direction(params, batch_stats, x, key, y):
-                grads, (logits, new_stats) = grad_fn(params, batch_stats, x, key, y)
-                return logits, new_stats, grads
+                grads, (out, new_stats) = grad_fn(params, batch_stats, x, key, y)
+                return out, new_stats, grads
 
         def step(params, batch_stats, opt_state, x, y, key):
             k_noise, k_mask, k_drop = jax.random.split(key, 3)
             if noise["std"]:
                 hit = jax.random.uniform(k_mask, (x.shape[0],) + (1,) * (x.ndim - 1)) < noise["prob"]
                 x = x + hit * noise["std"] * jax.random.normal(k_noise, x.shape, x.dtype)
-            logits, new_stats, direction_ = update_direction(params, batch_stats, x, k_drop, y)
+            x = self._inputs(x, jax.random.fold_in(key, 3))
+            out, new_stats, direction_ = update_direction(params, batch_stats, x, k_drop, y)
             updates, opt_state = self.optimizer.update(direction_, opt_state, params)
             params = optax.apply_updates(params, updates)
+            logits = self._logits(out)
             metrics = {
                 "loss": optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
                 "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
-                "reward": jnp.mean(jnp.sum(reward(logits, y), -1)),
+                "reward": jnp.sum(reward(out, y)) / y.shape[0],  # per sample, summed over outputs
             }
             return params, (new_stats if has_bn else batch_stats), opt_state, metrics
 
         return step
 
     def _predict(self, params, batch_stats, x):
-        return self._apply(params, batch_stats, x, self.key, False)[0]
+        x = self._inputs(x, jax.random.fold_in(self.key, 11))
+        return self._logits(self._apply(params, batch_stats, x, self.key, False)[0])
 
     # -- evaluation and state -----------------------------------------------------------------
 

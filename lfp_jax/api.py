@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import tree_util as jtu
 
 from lfp_jax import _graph, sites
@@ -202,7 +203,8 @@ def frozen_parameters(params: Any) -> list[str]:
     for path, leaf in jtu.tree_flatten_with_path(params)[0]:
         if isinstance(leaf, jax.core.Tracer) or not _graph.is_float(getattr(leaf, "aval", leaf)):
             continue
-        if leaf.size and not bool(jnp.any(leaf != 0)):
+        # numpy, not jnp: under jit a jnp comparison of a captured constant would be traced
+        if leaf.size and not np.any(np.asarray(leaf) != 0):
             frozen.append(jtu.keystr(path))
     return frozen
 

@@ -131,3 +131,25 @@ def test_bad_labels_for_a_reward_are_refused():
 def test_log_softmax_inside_the_model_has_no_default_rule():
     with pytest.raises(errors.NoRuleError, match="'softmax' site \\(logsumexp"):
         _feedback(lambda p, x: jax.nn.log_softmax(x @ p["w"] + p["b"]) @ jnp.eye(2))
+
+
+def test_frozen_check_works_on_parameters_captured_by_a_jitted_function():
+    """Parameters closed over by a jitted function are concrete: the all-zero check must not trace them."""
+    w = jnp.ones((3, 2))
+    x = jnp.ones((4, 3))
+    zero = jnp.zeros((3, 2))
+
+    @jax.jit
+    def feedback(x):
+        return lfp_jax.lfp_grad(lambda w, x: x @ w, lfp_jax.rewards.softmax_loss,
+                                reward_argnums=(2,))(w, x, jnp.zeros(4, jnp.int32))
+
+    assert feedback(x).shape == (3, 2)
+
+    @jax.jit
+    def frozen(x):
+        return lfp_jax.lfp_grad(lambda w, x: x @ w, lfp_jax.rewards.softmax_loss,
+                                reward_argnums=(2,))(zero, x, jnp.zeros(4, jnp.int32))
+
+    with pytest.warns(errors.FrozenParameterWarning):
+        frozen(x)
