@@ -199,15 +199,15 @@ def encode_inputs(model: nn.Module, x: jax.Array, key: jax.Array) -> jax.Array:
     return spiking.rate_encode(key, (x + 1) / 2, model.steps)
 
 
-def _frames(encoding: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def _frames(encoding: str, x: jax.Array, steps: int) -> tuple[jax.Array, jax.Array | None]:
     """(one frame for shapes, all frames or None) for the model input ``x``."""
     if encoding == "direct":
         return x, None
     if encoding != "rate":
         raise ValueError(f"encoding must be 'direct' or 'rate', got {encoding!r}")
-    if x.ndim < 3:
-        raise ValueError(f"encoding 'rate' takes frames (T, batch, ...) from models.encode_inputs, got "
-                         f"shape {x.shape}")
+    if x.ndim < 3 or x.shape[0] != steps:
+        raise ValueError(f"encoding 'rate' takes frames (T={steps}, batch, ...) from "
+                         f"models.encode_inputs, got shape {x.shape}")
     return x[0], x
 
 
@@ -246,7 +246,7 @@ class SpikingMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x, frames = _frames(self.encoding, x)
+        x, frames = _frames(self.encoding, x, self.steps)
         x = x.reshape(x.shape[0], -1)
         if frames is not None:
             frames = frames.reshape(*frames.shape[:2], -1)
@@ -270,7 +270,7 @@ class SpikingCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x, frames = _frames(self.encoding, x)
+        x, frames = _frames(self.encoding, x, self.steps)
         convs, fan_in = [], x.shape[-1]
         for k, width in enumerate(self.channels):
             convs.append(_Params(width, 5, name=f"Conv_{k}")(fan_in))

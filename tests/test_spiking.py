@@ -298,3 +298,25 @@ def test_gradient_through_the_true_heaviside_is_zero_and_the_surrogate_is_not():
         grads = jax.grad(loss)(params)
         total = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads))
         assert (total == 0.0) == zero
+
+
+def test_rate_encoded_frames_carry_reward_to_the_first_layer_and_rates_are_spike_means():
+    model = models.build("snn_mlp", 10, hidden=(16,), steps=6, encoding="rate")
+    images = jax.random.uniform(jax.random.key(0), (5, 28, 28, 1)) * 2 - 1
+    frames = models.encode_inputs(model, images, jax.random.key(1))
+    assert frames.shape == (6, 5, 28, 28, 1)
+    assert set(np.unique(np.asarray(frames))) <= {0.0, 1.0}
+    # Bernoulli with p = (x + 1) / 2: the frequency over many draws approaches p
+    many = models.encode_inputs(models.build("snn_mlp", 10, steps=4000, encoding="rate"), images[:1, :2, :2],
+                                jax.random.key(2))
+    np.testing.assert_allclose(np.asarray(many).mean(0), (np.asarray(images[:1, :2, :2]) + 1) / 2, atol=0.03)
+    params = model.init(jax.random.key(3), frames)["params"]
+    fb = lfp_jax.lfp_grad(lambda p, x: model.apply({"params": p}, x), lfp_jax.rewards.spike_rate_coded,
+                          reward_argnums=(2,))(params, frames, jnp.arange(5))
+    assert float(jnp.abs(fb["Dense_0"]["kernel"]).max()) > 0
+    out = model.apply({"params": params}, frames)
+    rates = models.spike_rates(model, params, images, jax.random.key(1))
+    assert len(rates) == 2
+    np.testing.assert_allclose(rates[-1], float(out.mean()), rtol=1e-6)
+    with pytest.raises(ValueError, match="frames"):
+        model.apply({"params": params}, images)  # images, not frames
