@@ -320,3 +320,40 @@ def test_rate_encoded_frames_carry_reward_to_the_first_layer_and_rates_are_spike
     np.testing.assert_allclose(rates[-1], float(out.mean()), rtol=1e-6)
     with pytest.raises(ValueError, match="frames"):
         model.apply({"params": params}, images)  # images, not frames
+
+
+def test_flax_lif_module_inside_nn_scan_matches_the_functional_form():
+    """A linen model written the Flax way (nn.scan over a cell of Dense + LIF) gets the same feedback as
+    run_lif_layers with the same parameters, and both match the reference's equations."""
+    import flax.linen as nn
+
+    from lfp_jax.nn import LIF
+
+    class Cell(nn.Module):
+        @nn.compact
+        def __call__(self, carry, x):
+            u1, u2 = carry
+            s1, u1 = LIF()(nn.Dense(5, name="d1")(x), u1)
+            s2, u2 = LIF()(nn.Dense(3, name="d2")(s1), u2)
+            return (u1, u2), s2
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, frames):
+            b = frames.shape[1]
+            scan = nn.scan(Cell, variable_broadcast="params", split_rngs={"params": False})
+            return scan(name="cell")((jnp.zeros((b, 5)), jnp.zeros((b, 3))), frames)[1]
+
+    T = 3
+    p, x, r = _tiny(T=T, seed=5)
+    frames = jnp.broadcast_to(x, (T, *x.shape))
+    net = Net()
+    variables = {"params": {"cell": {"d1": {"kernel": p["w1"], "bias": p["b1"]},
+                                     "d2": {"kernel": p["w2"], "bias": p["b2"]}}}}
+    assert net.init(jax.random.key(0), frames)["params"]["cell"]["d1"]["kernel"].shape == p["w1"].shape
+    fb, _ = lfp_jax.lfp_vjp(lambda v, f: net.apply(v, f), variables, frames)[1](r)
+    ref, _ = _numpy_reference(p, x, r)
+    got = fb["params"]["cell"]
+    for name, key in (("d1", "w1"), ("d2", "w2")):
+        np.testing.assert_allclose(got[name]["kernel"], ref[key], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got["d1"]["bias"], ref["b1"], rtol=1e-9, atol=1e-12)
