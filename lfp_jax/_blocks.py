@@ -16,6 +16,7 @@ from typing import Any
 from lfp_jax import _compat
 from lfp_jax._dataflow import output_taint
 from lfp_jax._graph import Graph, is_float
+from lfp_jax._primitives import category
 from lfp_jax.errors import UnsupportedControlFlowError
 from lfp_jax.rules import ABSOLUTE
 
@@ -101,6 +102,42 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
             plan.wrapped_outputs.add(pos)
         else:
             plan.output_epsilon[pos] = e
+    _normalize_spikes_in_rules(flow, plan)
+
+
+def _normalize_spikes_in_rules(flow, plan) -> None:
+    """Spikes whose every use converts them to the normalised form (``c ← c · y``) are converted by
+    their spiking rule instead (``Site.normalized_output``): the same numbers without a stabiliser
+    node that keeps its own copy of the spikes for the backward pass."""
+    g = flow.g
+    for site in plan.sites:
+        v = site.output
+        if site.kind != "spiking" or plan.stabilize.get(v) is not ABSOLUTE:
+            continue
+        edges = {(i, p) for i in flow.consumers.get(v, ()) for p, a in enumerate(g.nodes[i].inputs)
+                 if isinstance(a, int) and a == v}
+        outs = {p for p, o in enumerate(g.outputs) if isinstance(o, int) and o == v and o in flow.out_vars}
+        if edges <= plan.wrapped_edges and outs <= plan.wrapped_outputs:
+            plan.wrapped_edges -= edges
+            plan.wrapped_outputs -= outs
+            del plan.stabilize[v]
+            site.normalized_output = True
+
+
+def _reaches_output(flow, v) -> bool:
+    """Whether value ``v`` reaches a graph output through moves only (reshape, slice, stack, ...)."""
+    stack, seen = [v], set()
+    while stack:
+        u = stack.pop()
+        if u is None or u in seen:
+            continue
+        seen.add(u)
+        if u in flow.graph_outputs:
+            return True
+        for i in flow.consumers.get(u, ()):
+            if category(flow, i) == "structural":
+                stack.extend(flow.g.nodes[i].outputs)
+    return False
 
 def _control_flow(flow, plan, i: int, pending, wrap, eps, composite) -> None:
     """Analyse the sub-graphs of a control-flow node; block state flows into and out of them."""
@@ -122,8 +159,15 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, composite) -> None:
         for pos in range(n_consts, n_consts + n_carry):  # carries: stabilise on both sides
             wrap(i, pos, node.inputs[pos])
             in_eps[pos] = None
-        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], composite, in_eps,
-                        [k < n_carry for k in range(n_out)])
+        wrap_out = [k < n_carry for k in range(n_out)]
+        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], composite, in_eps, wrap_out)
+        # Spikes stacked as outputs (ABSOLUTE) that only feed other layers are converted to the
+        # normalised form inside the body, step by step, by the spiking rule itself (see below).
+        inside = [k for k in range(n_carry, n_out) if body.output_epsilon.get(k) is ABSOLUTE
+                  and not _reaches_output(flow, node.outputs[k])]
+        if inside:
+            wrap_out = [w or k in inside for k, w in enumerate(wrap_out)]
+            body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], composite, in_eps, wrap_out)
         plan.subplans[i] = {"jaxpr": body}
         outs = [body.output_epsilon.get(k) for k in range(n_out)]
     elif node.name in _compat.COND:

@@ -366,6 +366,7 @@ class SpikingEpsilon(Rule):
         i_cur, i_mem = site.operand_positions.index(0), site.operand_positions.index(1)
         outs_at = {p: k for k, p in enumerate(site.output_positions)}  # primitive output -> output
         eps, membrane_form = self.epsilon, self.normalizer == "membrane"
+        normalized = site.normalized_output  # the engine left converting c to R = spikes ⊙ c to us
 
         @jax.custom_vjp
         def step(*ops):
@@ -381,8 +382,9 @@ class SpikingEpsilon(Rule):
             reset = (membrane > threshold).astype(current.dtype) * threshold
             new = beta * membrane + current - reset
             reward = jnp.zeros_like(new)
-            if 0 in outs_at:
-                reward = reward + cts[outs_at[0]]  # reward on spikes: absolute (ABSOLUTE)
+            if 0 in outs_at:  # reward on the spikes: absolute (ABSOLUTE), or c with R = spikes ⊙ c
+                ct = cts[outs_at[0]]
+                reward = reward + (jnp.where(new > threshold, ct, 0) if normalized else ct)
             if 1 in outs_at:
                 reward = reward + new * cts[outs_at[1]]  # handed back from step t+1 (normalised)
             if membrane_form:

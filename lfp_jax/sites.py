@@ -84,6 +84,7 @@ class Site:
     rule: Any = None
     input_epsilon: float | None = None
     carries_reward: tuple[bool, ...] = ()
+    normalized_output: bool = False  # spiking: every use wants c = R / spikes; the rule converts
 
 
 @dataclasses.dataclass(eq=False)
