@@ -25,9 +25,9 @@ true Heaviside spike (``surrogate: null``) or snntorch's arc-tangent surrogate f
 first layer is then computed once, outside the time loop: the same numbers, and its feedback is the
 sum over steps as before); ``encoding: rate`` draws Bernoulli spikes with probability ``(x + 1) / 2``
 (inputs are normalised to [-1, 1]), drawn by :func:`encode_inputs` outside the model. Each layer runs
-as its own ``lax.scan`` over the (unrolled) steps, with the layer applied to all ``T·batch`` inputs at
-once in between (``run_lif_layers(order="layer")``: same values and feedback as the reference's
-loop). Predictions are the arg-max of output spike counts.
+as its own ``lax.scan`` over the steps (unrolled by 3), with the layer applied to all ``T·batch``
+inputs at once in between (``run_lif_layers(order="layer")``: same values and feedback as the
+reference's loop). Predictions are the arg-max of output spike counts.
 
 Activations: ``relu``, ``leaky_relu``, ``tanh``, ``sigmoid``, ``silu``, ``elu``, ``gelu``, ``step``
 (Heaviside ``H(x) = 1[x > 0]``, whose derivative is zero: gradient descent cannot train through it).
@@ -242,7 +242,7 @@ class SpikingMLP(nn.Module):
     threshold: float = 1.0
     surrogate: str | None = None
     encoding: str = "direct"
-    unroll: bool = True  # unrolled time loops: XLA's CPU while loops are slow for these small bodies
+    unroll: int | bool = 3  # time-loop unrolling: a CPU speed/memory knob, same numbers (see README)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -266,7 +266,7 @@ class SpikingCNN(nn.Module):
     threshold: float = 1.0
     surrogate: str | None = None
     encoding: str = "direct"
-    unroll: bool = True  # unrolled time loops: XLA's CPU while loops are slow for these small bodies
+    unroll: int | bool = 3  # time-loop unrolling: a CPU speed/memory knob, same numbers (see README)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
