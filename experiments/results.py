@@ -121,7 +121,13 @@ def _snn_section(folder: str, snn: dict) -> list[str]:
             out.append(f"| {stem} | {_fmt(entry)} | {curve} | {rates} | {SNN_REFERENCE.get(stem, '—')} |")
     out += ["", "Spike rate = spikes per neuron and time step on 1000 test images, hidden layers first. "
             "The CNN runs are one seed and two epochs (a 15-step convolutional network costs ~0.4 s per "
-            "batch of 128 on this 2-core CPU).", "", _img(folder, "snn", "snn_curves.png")]
+            "batch of 128 on this 2-core CPU).", "",
+            "Settings: LFP uses the reference minimal example's (SGD 0.02, momentum 0.9, clipping at 3, "
+            "reward / T) with a cosine decay of the learning rate; the surrogate baseline Adam 5e-4 with "
+            "the same decay. With the minimal example's constant learning rate, LFP gave 93.1 / 95.3 / "
+            "95.8 / 96.6 / 96.9 / 96.9 % (seed 0), as the reference's own run. Trained by LFP, the hidden "
+            "layers fire several times less often than under surrogate gradients.", "",
+            _img(folder, "snn", "snn_curves.png")]
     return out
 
 
