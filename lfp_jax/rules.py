@@ -123,7 +123,7 @@ class Rule:
 
 
 def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable, *,
-                  all_outputs: bool = False) -> tuple:
+                  all_outputs: bool = False, recompute: bool = False) -> tuple:
     """Evaluate a site with a custom backward pass: the building block of site-local rules.
 
     ``backward(operands, outputs, ct)`` receives the site's operands and outputs (saved from the
@@ -133,7 +133,9 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable,
     means zero (and is required for integer operands). Anything the rule needs (modified forward
     passes, state such as a membrane potential) is computed inside ``backward`` from saved values.
     With ``all_outputs=True``, ``ct`` is the tuple of cotangents of all outputs (``(output, *extras)``),
-    for sites whose further outputs receive reward too (a LIF neuron's new membrane).
+    for sites whose further outputs receive reward too (a LIF neuron's new membrane). With
+    ``recompute=True`` only the operands are kept for the backward pass and the outputs are evaluated
+    again there (cheap elementwise sites: one stored array and one memory pass less).
     """
 
     @jax.custom_vjp
@@ -142,10 +144,12 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable,
 
     def fwd(*ops):
         outs = tuple(call.fn(*ops))
-        return outs, (ops, outs)
+        return outs, (ops, None if recompute else outs)
 
     def bwd(res, cts):
         ops, outs = res
+        if recompute:
+            outs = tuple(call.fn(*ops))
         grads = backward(ops, outs, tuple(cts) if all_outputs else cts[0])
         return tuple(
             g if (g is not None and jnp.issubdtype(jnp.result_type(op), jnp.inexact)) else None
@@ -196,7 +200,7 @@ class Identity(Rule):
             c_x = safe_divide(ct * y, x) if eps is None else ct * y / stabilize(x, eps)
             return [c_x] + [None] * (len(ops) - 1)
 
-        return with_backward(call, operands, backward)
+        return with_backward(call, operands, backward, recompute=True)
 
 
 @dataclasses.dataclass(frozen=True)
