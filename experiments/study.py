@@ -166,7 +166,8 @@ def _plot_boundaries(runner: Runner, path: str) -> None:
             lo, hi = x.min(0) - 0.5, x.max(0) + 0.5
             gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
             grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
-            pred = np.asarray(jnp.argmax(trainer.predict(trainer.params, trainer.batch_stats, grid), -1))
+            logits = trainer.predict(trainer.params, trainer.batch_stats, grid, trainer.eval_key)
+            pred = np.asarray(jnp.argmax(logits, -1))
             ax.contourf(gx, gy, pred.reshape(gx.shape), alpha=0.3, cmap="viridis")
             ax.scatter(x[:, 0], x[:, 1], c=y, s=6, cmap="viridis", edgecolors="none")
             acc = trainer.evaluate()["test_accuracy"]

@@ -86,6 +86,7 @@ class Trainer:
         self.opt_state = self.optimizer.init(self.params)
         self.train_step = jax.jit(self._make_step())
         self.predict = jax.jit(self._predict)
+        self.eval_key = jax.random.fold_in(self.key, 2**31 - 1)  # rate coding of test batches
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -166,8 +167,8 @@ class Trainer:
 
         return step
 
-    def _predict(self, params, batch_stats, x):
-        x = self._inputs(x, jax.random.fold_in(self.key, 11))
+    def _predict(self, params, batch_stats, x, key):
+        x = self._inputs(x, key)
         return self._logits(self._apply(params, batch_stats, x, self.key, False)[0])
 
     # -- evaluation and state -----------------------------------------------------------------
@@ -177,7 +178,8 @@ class Trainer:
         bs = self.cfg["eval_batch_size"]
         correct, loss = 0, 0.0
         for i in range(0, len(self.data.x_test), bs):
-            logits = self.predict(params, self.batch_stats, self.data.x_test[i:i + bs])
+            logits = self.predict(params, self.batch_stats, self.data.x_test[i:i + bs],
+                                  jax.random.fold_in(self.eval_key, i))
             y = self.data.y_test[i:i + bs]
             correct += int(jnp.sum(jnp.argmax(logits, -1) == y))
             loss += float(optax.softmax_cross_entropy_with_integer_labels(logits, y).sum())

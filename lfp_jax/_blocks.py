@@ -18,7 +18,7 @@ from lfp_jax._dataflow import output_taint
 from lfp_jax._graph import Graph, is_float
 from lfp_jax._primitives import category
 from lfp_jax.errors import UnsupportedControlFlowError
-from lfp_jax.rules import ABSOLUTE
+from lfp_jax.rules import ABSOLUTE, SpikingEpsilon
 
 
 def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out: list) -> None:
@@ -47,13 +47,16 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
     for step in plan.schedule:
         if not isinstance(step, int):  # a Site
             site = step
-            absolute_in = pending(site.operands[0]) is ABSOLUTE
+            absolute_in = any(pending(a) is ABSOLUTE for a in site.operands)
             if site.kind == "activation" and not absolute_in:
                 site.input_epsilon = pending(site.operands[0])
-            elif site.kind == "spiking":  # the current's ε is replaced by the neuron's own normaliser
+            elif site.kind == "spiking":
+                # SpikingEpsilon replaces the ε of the layer producing the current by its own
+                # normaliser; any other rule gets the stabilised current, like any other site
+                own = site.rule.output_epsilon is ABSOLUTE
                 node = g.nodes[site.nodes[0]]
                 for pos, a in enumerate(node.inputs):
-                    if pos != 0 or pending(a) is ABSOLUTE:
+                    if pos != 0 or pending(a) is ABSOLUTE or not own:
                         wrap(site.nodes[0], pos, a)
             elif site.kind in _BLOCK_KINDS or absolute_in:
                 # absolute reward (spikes) enters any other site in the normalised form
@@ -112,7 +115,7 @@ def _normalize_spikes_in_rules(flow, plan) -> None:
     g = flow.g
     for site in plan.sites:
         v = site.output
-        if site.kind != "spiking" or plan.stabilize.get(v) is not ABSOLUTE:
+        if not isinstance(site.rule, SpikingEpsilon) or plan.stabilize.get(v) is not ABSOLUTE:
             continue
         edges = {(i, p) for i in flow.consumers.get(v, ()) for p, a in enumerate(g.nodes[i].inputs)
                  if isinstance(a, int) and a == v}
@@ -135,7 +138,10 @@ def _reaches_output(flow, v) -> bool:
         if u in flow.graph_outputs:
             return True
         for i in flow.consumers.get(u, ()):
-            if category(flow, i) == "structural":
+            cat = category(flow, i)
+            if cat == "control":  # conservative: it may hand the spikes on to an output
+                return True
+            if cat == "structural":
                 stack.extend(flow.g.nodes[i].outputs)
     return False
 

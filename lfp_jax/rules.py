@@ -372,6 +372,11 @@ class SpikingEpsilon(Rule):
         eps, membrane_form = self.epsilon, self.normalizer == "membrane"
         normalized = site.normalized_output  # the engine left converting c to R = spikes ⊙ c to us
 
+        def _in_order(current, membrane):
+            ops = [None, None]
+            ops[i_cur], ops[i_mem] = current, membrane
+            return ops
+
         @jax.custom_vjp
         def step(*ops):
             return tuple(call.fn(*ops))
@@ -388,7 +393,9 @@ class SpikingEpsilon(Rule):
             reward = jnp.zeros_like(new)
             if 0 in outs_at:  # reward on the spikes: absolute (ABSOLUTE), or c with R = spikes ⊙ c
                 ct = cts[outs_at[0]]
-                reward = reward + (jnp.where(new > threshold, ct, 0) if normalized else ct)
+                if normalized:  # the spikes again, by the same primitive as in the forward pass
+                    ct = ct * call.fn(*_in_order(current, membrane))[0]
+                reward = reward + ct
             if 1 in outs_at:
                 reward = reward + new * cts[outs_at[1]]  # handed back from step t+1 (normalised)
             if membrane_form:

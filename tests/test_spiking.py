@@ -357,3 +357,22 @@ def test_flax_lif_module_inside_nn_scan_matches_the_functional_form():
     for name, key in (("d1", "w1"), ("d2", "w2")):
         np.testing.assert_allclose(got[name]["kernel"], ref[key], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(got["d1"]["bias"], ref["b1"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("wrapper", ["cond", "checkpoint"])
+def test_output_spikes_through_control_flow_keep_reward_on_silent_neurons(wrapper):
+    """Spikes reaching the output through a cond or a remat region still take the reward as it is."""
+    p, x, r = _tiny(T=3, seed=6)
+    inner = _scan_model(3, order="layer")
+
+    def model(p, x):
+        s = inner(p, x)
+        if wrapper == "cond":
+            return jax.lax.cond(True, lambda a: a, lambda a: a[::-1][::-1], s)
+        return jax.checkpoint(lambda a: a)(s)
+
+    feedback, relevance = lfp_jax.lfp_vjp(model, p, x)[1](r)
+    ref, ref_in = _numpy_reference(p, x, r)
+    for k in p:
+        np.testing.assert_allclose(feedback[k], ref[k], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(relevance, ref_in, rtol=1e-9, atol=1e-12)

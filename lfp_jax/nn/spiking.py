@@ -94,7 +94,8 @@ def _jvp(primals, tangents, *, beta, threshold, surrogate, alpha):
     d_current, d_membrane = (ad.instantiate_zeros(t) for t in tangents)
     d_new = beta * d_membrane + d_current
     slope = _surrogate_slope(new - threshold, surrogate, alpha)
-    d_spikes = jnp.zeros_like(spikes) if slope is None else slope * d_new
+    # the true Heaviside: a symbolic zero (nothing computed or stored for the gradient baseline)
+    d_spikes = ad.Zero(jax.typeof(spikes).to_tangent_aval()) if slope is None else slope * d_new
     return (spikes, new), (d_spikes, d_new)
 
 
