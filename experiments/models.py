@@ -234,15 +234,20 @@ def spike_rates(model: nn.Module, params, x: jax.Array, key: jax.Array) -> list[
     return [float(inter[f"spike_rate_{k}"][0]) for k in range(len(inter))]
 
 
-class SpikingMLP(nn.Module):
+class _SpikingNet(nn.Module):
+    """The fields every spiking model shares (see the module docstring)."""
+
     num_classes: int = 10
-    hidden: Sequence[int] = (1000,)
     steps: int = 15
     beta: float = 0.9
     threshold: float = 1.0
     surrogate: str | None = None
     encoding: str = "direct"
     unroll: int | bool = 3  # time-loop unrolling: a CPU speed/memory knob, same numbers (see README)
+
+
+class SpikingMLP(_SpikingNet):
+    hidden: Sequence[int] = (1000,)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -258,15 +263,8 @@ class SpikingMLP(nn.Module):
         return _run(self, layers, x, frames)
 
 
-class SpikingCNN(nn.Module):
-    num_classes: int = 10
+class SpikingCNN(_SpikingNet):
     channels: Sequence[int] = (16, 16)
-    steps: int = 15
-    beta: float = 0.9
-    threshold: float = 1.0
-    surrogate: str | None = None
-    encoding: str = "direct"
-    unroll: int | bool = 3  # time-loop unrolling: a CPU speed/memory knob, same numbers (see README)
 
     @nn.compact
     def __call__(self, x, train: bool = False):

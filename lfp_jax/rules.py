@@ -123,7 +123,7 @@ class Rule:
 
 
 def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable, *,
-                  all_outputs: bool = False, recompute: bool = False) -> tuple:
+                  recompute: bool = False) -> tuple:
     """Evaluate a site with a custom backward pass: the building block of site-local rules.
 
     ``backward(operands, outputs, ct)`` receives the site's operands and outputs (saved from the
@@ -132,10 +132,8 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable,
     ``c_x``; for parameter operands (weights) it is ``c_W`` with feedback ``|W| ⊙ c_W``; ``None``
     means zero (and is required for integer operands). Anything the rule needs (modified forward
     passes, state such as a membrane potential) is computed inside ``backward`` from saved values.
-    With ``all_outputs=True``, ``ct`` is the tuple of cotangents of all outputs (``(output, *extras)``),
-    for sites whose further outputs receive reward too (a LIF neuron's new membrane). With
-    ``recompute=True`` only the operands are kept for the backward pass and the outputs are evaluated
-    again there (cheap elementwise sites: one stored array and one memory pass less).
+    With ``recompute=True`` only the operands are kept for the backward pass and the outputs are
+    evaluated again there (cheap elementwise sites: one stored array and one memory pass less).
     """
 
     @jax.custom_vjp
@@ -150,7 +148,7 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable,
         ops, outs = res
         if recompute:
             outs = tuple(call.fn(*ops))
-        grads = backward(ops, outs, tuple(cts) if all_outputs else cts[0])
+        grads = backward(ops, outs, cts[0])
         return tuple(
             g if (g is not None and jnp.issubdtype(jnp.result_type(op), jnp.inexact)) else None
             for g, op in zip(grads, ops)

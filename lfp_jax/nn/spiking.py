@@ -171,7 +171,6 @@ def run_lif_layers(layers: list[Callable[[Array], Array]], inputs: Array, *, ste
         raise ValueError(f"order must be 'step' or 'layer', got {order!r}")
     lif = functools.partial(lif_step, beta=beta, threshold=threshold, surrogate=surrogate)
     constant = steps is not None
-    first = inputs if constant else jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype)
     T = steps if constant else inputs.shape[0]
     current0 = layers[0](inputs) if constant else None
 
@@ -190,7 +189,7 @@ def run_lif_layers(layers: list[Callable[[Array], Array]], inputs: Array, *, ste
                                 unroll=unroll)
         return h
 
-    shapes, h = [], first
+    shapes, h = [], inputs if constant else jax.ShapeDtypeStruct(inputs.shape[1:], inputs.dtype)
     for layer in layers:
         h = jax.eval_shape(layer, h)
         shapes.append(h)
