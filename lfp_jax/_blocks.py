@@ -21,7 +21,7 @@ from lfp_jax.errors import UnsupportedControlFlowError
 from lfp_jax.rules import ABSOLUTE, SpikingEpsilon
 
 
-def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out: list) -> None:
+def place_stabilizers(flow, plan, cats: dict, context, in_eps: list, wrap_out: list) -> None:
     """Choose each site's rule, then walk the graph placing block-output stabilisers.
 
     ``eps[v]`` is the ε of the block whose output ``v`` is, while that output has not entered
@@ -31,7 +31,7 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
     """
     g = flow.g
     for site in plan.sites:
-        site.rule = composite.resolve(site)
+        site.rule, site.problem = context.composite.lookup(site)
     eps: dict[int, float] = {
         v: e for v, e in zip(g.inputs, in_eps) if e is not None and v in flow.tainted}
 
@@ -50,10 +50,17 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
             absolute_in = any(pending(a) is ABSOLUTE for a in site.operands)
             if site.kind == "activation" and not absolute_in:
                 site.input_epsilon = pending(site.operands[0])
+            elif site.kind == "max":
+                # max/min of two values: reward to the winner; a common pending ε passes on (the
+                # winner's stabiliser), different ones are applied at the operands
+                floats = [a for a, c in zip(site.operands, site.carries_reward) if c]
+                if len({_key(pending(a)) for a in floats}) != 1:
+                    for pos, a in enumerate(g.nodes[site.nodes[0]].inputs):
+                        wrap(site.nodes[0], pos, a)
             elif site.kind == "spiking":
                 # SpikingEpsilon replaces the ε of the layer producing the current by its own
                 # normaliser; any other rule gets the stabilised current, like any other site
-                own = site.rule.output_epsilon is ABSOLUTE
+                own = site.rule is not None and site.rule.output_epsilon is ABSOLUTE
                 node = g.nodes[site.nodes[0]]
                 for pos, a in enumerate(node.inputs):
                     if pos != 0 or pending(a) is ABSOLUTE or not own:
@@ -65,12 +72,17 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
                     for pos, a in enumerate(g.nodes[r].inputs):
                         if not (isinstance(a, int) and a in inside):
                             wrap(r, pos, a)
-            if site.kind in _BLOCK_KINDS:
+            if site.rule is None:
+                e = None
+            elif site.kind in _BLOCK_KINDS:
                 e = site.rule.output_epsilon
             elif site.kind == "spiking":
                 e = site.rule.output_epsilon if site.output_positions[0] == 0 else None
             elif site.kind in ("max_pool", "dropout") and not absolute_in:
                 e = pending(site.operands[0])
+            elif site.kind == "max":
+                floats = [a for a, c in zip(site.operands, site.carries_reward) if c]
+                e = pending(floats[0]) if len({_key(pending(a)) for a in floats}) == 1 else None
             else:
                 e = None
             if e is not None:
@@ -95,7 +107,7 @@ def place_stabilizers(flow, plan, cats: dict, composite, in_eps: list, wrap_out:
                     if a in tin:
                         wrap(i, pos, a)
         elif cat == "control":
-            _control_flow(flow, plan, i, pending, wrap, eps, composite)
+            _control_flow(flow, plan, i, pending, wrap, eps, context)
     for pos, o in enumerate(g.outputs):
         e = pending(o)
         if e is None:
@@ -145,12 +157,22 @@ def _reaches_output(flow, v) -> bool:
                 stack.extend(flow.g.nodes[i].outputs)
     return False
 
-def _control_flow(flow, plan, i: int, pending, wrap, eps, composite) -> None:
+def _key(e):
+    return id(e) if e is ABSOLUTE else e
+
+
+def _control_flow(flow, plan, i: int, pending, wrap, eps, context) -> None:
     """Analyse the sub-graphs of a control-flow node; block state flows into and out of them."""
     node = flow.g.nodes[i]
     sub_in = flow.sub_in.get(i)
     if sub_in is None:
         return
+    src = [flow.sources.get(a, 0) if isinstance(a, int) else 0 for a in node.inputs]
+    origin = [flow.origin.get(a) if isinstance(a, int) else None for a in node.inputs]
+
+    def _subplan(graph, taint, in_eps, wrap_out, skip=0):
+        return _analyse_sub(graph, taint, context, in_eps, wrap_out, src[skip:], origin[skip:])
+
     if node.name in _compat.WHILE:
         raise UnsupportedControlFlowError(
             f"a while_loop at {node.where} carries input-dependent values. Reward cannot be "
@@ -166,29 +188,28 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, composite) -> None:
             wrap(i, pos, node.inputs[pos])
             in_eps[pos] = None
         wrap_out = [k < n_carry for k in range(n_out)]
-        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], composite, in_eps, wrap_out)
+        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, wrap_out)
         # Spikes stacked as outputs (ABSOLUTE) that only feed other layers are converted to the
         # normalised form inside the body, step by step, by the spiking rule itself (see below).
         inside = [k for k in range(n_carry, n_out) if body.output_epsilon.get(k) is ABSOLUTE
                   and not _reaches_output(flow, node.outputs[k])]
         if inside:
             wrap_out = [w or k in inside for k, w in enumerate(wrap_out)]
-            body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], composite, in_eps, wrap_out)
+            body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, wrap_out)
         plan.subplans[i] = {"jaxpr": body}
         outs = [body.output_epsilon.get(k) for k in range(n_out)]
     elif node.name in _compat.COND:
         branches = node.subgraphs["branches"]
-        plans = [_subplan(b, sub_in["branches"], composite, in_eps[1:], [False] * n_out)
+        plans = [_subplan(b, sub_in["branches"], in_eps[1:], [False] * n_out, skip=1)
                  for b in branches]
         agree = [len({p.output_epsilon.get(k) for p in plans}) == 1 for k in range(n_out)]
         if not all(agree):
-            plans = [_subplan(b, sub_in["branches"], composite, in_eps[1:],
-                              [not a for a in agree]) for b in branches]
+            plans = [_subplan(b, sub_in["branches"], in_eps[1:], [not a for a in agree], skip=1)
+                     for b in branches]
         plan.subplans[i] = {"branches": tuple(plans)}
         outs = [plans[0].output_epsilon.get(k) for k in range(n_out)]
     else:  # remat
-        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], composite, in_eps,
-                        [False] * n_out)
+        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, [False] * n_out)
         plan.subplans[i] = {"jaxpr": body}
         outs = [body.output_epsilon.get(k) for k in range(n_out)]
     for o, e in zip(node.outputs, outs):
@@ -199,8 +220,9 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, composite) -> None:
 _BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear", "nonlinear")
 
 
-def _subplan(graph: Graph, taint: list[bool], composite: Any, in_eps: list, wrap_out: list) -> Any:
+def _analyse_sub(graph: Graph, taint: list[bool], context: Any, in_eps: list, wrap_out: list,
+                 in_src: list, in_origin: list) -> Any:
     from lfp_jax.sites import analyse  # sites imports this module
 
-    return analyse(graph, taint, output_taint(graph, taint), composite, in_eps=in_eps,
-                   wrap_out=wrap_out)
+    return analyse(graph, taint, output_taint(graph, taint), context, in_eps=in_eps,
+                   wrap_out=wrap_out, in_src=in_src, in_origin=in_origin)

@@ -1,39 +1,152 @@
-"""Data flow of a graph: which values depend on the inputs, which reach a rewarded output, and the
-dominator trees (a value's immediate dominator is the last value every path from the inputs to it
-passes; its immediate post-dominator the first value every path from it to the outputs passes).
+"""Data flow of a graph: which values depend on the inputs, along which edges reward can flow, which
+values reach a rewarded output, and the dominator trees (a value's immediate dominator is the last
+value every path from the inputs to it passes; its immediate post-dominator the first value every path
+from it to the outputs passes).
+
+Reward is carried by floating-point values only. A value computed from the inputs that is an integer or
+a boolean (an arg-max index, a sequence length, a comparison mask, a ``cond`` predicate) is
+*input-dependent* but carries no reward: where it selects, indexes or masks other values it acts as a
+constant selector, as in ``x[argmax(h)]`` or ``where(t < length, new, old)``. A floating-point value
+computed only from such values (``one_hot(argmax(h))``) is a constant for the reward flow, except where
+it is an elementwise function of one floating-point value of the same shape: ``(x > 0).astype(f)``,
+``where(x > 0, 1., 0.)`` and ``where(x > 0, x, a·x)`` are activations of ``x`` (a Heaviside step, a
+leaky ReLU), and their comparisons are part of the activation's site.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from lfp_jax import _compat
 from lfp_jax._graph import Graph, Node, is_float
-from lfp_jax._primitives import NO_REWARD
+from lfp_jax._primitives import ELEMENTWISE, MOVES, NO_REWARD
 from lfp_jax.errors import NoRuleError
 
 VROOT, VSINK = -1, -2
 
 
+@dataclasses.dataclass
+class Taint:
+    """The result of :func:`taint`.
+
+    Attributes:
+      tainted: input-dependent values (any dtype); floats detached from the inputs by integer or
+        boolean steps are not among them.
+      edges: per node, the positions of its inputs along which reward flows into it.
+      selectors: nodes whose input-dependent integer/boolean inputs act as constant selectors.
+      sub_in: per control-flow node, the input taint of each of its sub-graphs.
+      sources: per input-dependent value, a bit mask of the graph inputs' ``in_src`` masks it comes from.
+    """
+
+    tainted: set
+    edges: dict
+    selectors: set
+    sub_in: dict
+    sources: dict
+
+
 def output_taint(graph: Graph, in_taint: list[bool]) -> list[bool]:
-    tainted = taint(graph, in_taint)[0]
-    return [isinstance(o, int) and o in tainted for o in graph.outputs]
+    """Per output of ``graph``: whether it is a floating-point value that depends on the inputs."""
+    tainted = taint(graph, in_taint).tainted
+    return [isinstance(o, int) and o in tainted and is_float(graph.aval(o)) for o in graph.outputs]
 
 
-def taint(graph: Graph, in_taint: list[bool]) -> tuple[set, dict]:
-    """Input-dependent values of ``graph``, and the input taint of each control-flow sub-graph."""
+def taint(graph: Graph, in_taint: list[bool], in_src: list[int] | None = None) -> Taint:
+    """Input-dependent values of ``graph`` and the edges reward flows along (see the module docstring)."""
     tainted = {v for v, t in zip(graph.inputs, in_taint) if t}
-    sub_in: dict[int, dict] = {}
+    src = {v: (in_src[k] if in_src else 0) for k, v in enumerate(graph.inputs) if in_taint[k]}
+    result = Taint(tainted, {}, set(), {}, src)
+    frontier = _Frontier(graph, tainted)
     for i, node in enumerate(graph.nodes):
-        tin = [isinstance(a, int) and a in tainted for a in node.inputs]
-        if not any(tin) or node.name in NO_REWARD:
+        tin = [p for p, a in enumerate(node.inputs) if isinstance(a, int) and a in tainted]
+        if not tin or node.name in NO_REWARD:
             continue
+        floats = [p for p in tin if is_float(graph.aval(node.inputs[p]))]
+        index = [p for p in tin if p not in floats]
+        mask = functools.reduce(lambda m, p: m | src.get(node.inputs[p], 0), tin, 0)
         if node.subgraphs:
-            out_t, sub_in[i] = _control_flow_taint(node, tin)
-        else:
+            out_t, result.sub_in[i] = _control_flow_taint(node, [p in tin for p in range(len(node.inputs))])
+            result.edges[i] = tuple(floats)
+        elif not index or _elementwise_of_floats(graph, node, floats, index, frontier):
+            result.edges[i] = tuple(tin)
             out_t = [True] * len(node.outputs)
-        tainted.update(o for o, t in zip(node.outputs, out_t) if t and o is not None)
-    return tainted, sub_in
+        else:
+            # integer/boolean inputs select, index or mask: constants for the reward flow
+            result.selectors.add(i)
+            result.edges[i] = tuple(floats)
+            out_t = [bool(floats) or not is_float(graph.avals[o]) if o is not None else False
+                     for o in node.outputs]
+        for o, t in zip(node.outputs, out_t):
+            if t and o is not None:
+                tainted.add(o)
+                src[o] = mask
+    return result
+
+
+class _Frontier:
+    """``of(v)``: the values an input-dependent ``v`` is an elementwise, same-shape function of.
+
+    Walking back from ``v`` through elementwise primitives whose inputs and outputs all have ``v``'s
+    shape, the frontier is where the walk stops (a layer's output, a reduction, a graph input).
+    """
+
+    def __init__(self, graph: Graph, tainted: set):
+        self.g, self.tainted, self.memo = graph, tainted, {}
+        self.producer = {o: n for n in graph.nodes for o in n.outputs if o is not None}
+
+    def of(self, v: int) -> frozenset:
+        stack = [v]
+        while stack:  # iterative, so long chains of residual additions do not recurse deeply
+            u = stack[-1]
+            if u in self.memo:
+                stack.pop()
+                continue
+            node = self.producer.get(u)
+            ins = self._elementwise_inputs(node, u)
+            if ins is None:
+                self.memo[u] = frozenset({u})
+                stack.pop()
+                continue
+            todo = [a for a in ins if a not in self.memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            self.memo[u] = frozenset().union(*(self.memo[a] for a in ins)) if ins else frozenset({u})
+            stack.pop()
+        return self.memo[v]
+
+    def _elementwise_inputs(self, node: Node | None, v: int) -> list[int] | None:
+        if node is None or node.name not in ELEMENTWISE:
+            return None
+        shape = self.g.avals[v].shape
+        ins = [a for a in node.inputs if isinstance(a, int) and a in self.tainted]
+        if any(self.g.aval(a).shape != shape for a in ins):
+            return None
+        if any(o is not None and self.g.avals[o].shape != shape for o in node.outputs):
+            return None
+        return ins
+
+
+def _elementwise_of_floats(graph: Graph, node: Node, floats: list[int], index: list[int],
+                           frontier: _Frontier) -> bool:
+    """Whether a node whose integer/boolean inputs are input-dependent is part of an activation: an
+    elementwise function of the same floating-point values its comparisons are taken of."""
+    if node.name not in ELEMENTWISE:
+        return False
+    shape = next(graph.avals[o].shape for o in node.outputs if o is not None)
+    if any(graph.aval(node.inputs[p]).shape != shape for p in floats + index):
+        return False
+    from_index = frozenset().union(*(frontier.of(node.inputs[p]) for p in index))
+    if not all(is_float(graph.aval(u)) for u in from_index):
+        return False  # the comparison is of an index, a length, ... : a selector
+    if not floats:
+        return True
+    return frontier_of_all(frontier, [node.inputs[p] for p in floats]) == from_index
+
+
+def frontier_of_all(frontier: _Frontier, values: list[int]) -> frozenset:
+    return frozenset().union(*(frontier.of(v) for v in values))
 
 
 def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
@@ -44,26 +157,26 @@ def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
         carry = tin[n_consts:n_consts + n_carry]
         while True:
             body_in = tin[:n_consts] + carry + tin[n_consts + n_carry:]
-            out = output_taint(body, body_in)
+            out = _all_output_taint(body, body_in)
             new = [a or b for a, b in zip(carry, out[:n_carry])]
             if new == carry:
                 return out, {"jaxpr": body_in}
             carry = new
     if name in _compat.COND:
         branches = node.subgraphs["branches"]
-        outs = [output_taint(b, tin[1:]) for b in branches]
+        outs = [_all_output_taint(b, tin[1:]) for b in branches]
         return [any(col) for col in zip(*outs)], {"branches": tin[1:]}
     if name in _compat.WHILE:
         nc, nb = _compat.while_layout(node.params)
         carry = tin[nc + nb:]
         while True:
-            out = output_taint(node.subgraphs["body_jaxpr"], tin[nc:nc + nb] + carry)
+            out = _all_output_taint(node.subgraphs["body_jaxpr"], tin[nc:nc + nb] + carry)
             new = [a or b for a, b in zip(carry, out)]
             if new == carry:
                 return carry, {}
             carry = new
     if name in _compat.REMAT:
-        return output_taint(node.subgraphs["jaxpr"], tin), {"jaxpr": tin}
+        return _all_output_taint(node.subgraphs["jaxpr"], tin), {"jaxpr": tin}
     raise NoRuleError(
         f"the higher-order primitive `{name}` at {node.where} receives "
         f"input-dependent values, and lfp_jax cannot look inside it (supported: jit, custom_jvp, "
@@ -72,12 +185,48 @@ def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
     )
 
 
+def _all_output_taint(graph: Graph, in_taint: list[bool]) -> list[bool]:
+    """Per output: input-dependent (integer and boolean values too: a loop counter may be one)."""
+    tainted = taint(graph, in_taint).tainted
+    return [isinstance(o, int) and o in tainted for o in graph.outputs]
+
+
+def param_origins(graph: Graph, in_origin: list, tainted: set) -> dict:
+    """For values computed from parameters only: ``(leaves, primitives)``, the parameter leaves they
+    come from and the primitives applied on the way, other than moves (reshape, slice, casts, ...) and
+    scalings or shifts by a constant (the ``scale · rsqrt(var)`` of a BatchNorm in eval mode).
+
+    ``in_origin`` holds, per graph input, ``(leaves, primitives)`` or ``None`` (not a parameter).
+    Control-flow outputs are attributed to all of the node's parameter inputs. Values that depend on
+    the model inputs (``tainted``) have no origin.
+    """
+    origin = {v: o for v, o in zip(graph.inputs, in_origin) if o is not None}
+    for node in graph.nodes:
+        if any(isinstance(a, int) and a in tainted for a in node.inputs):
+            continue
+        found = [origin[a] for a in node.inputs if isinstance(a, int) and a in origin]
+        if not found:
+            continue
+        leaves = frozenset().union(*(f[0] for f in found))
+        prims = frozenset().union(*(f[1] for f in found))
+        scaling = node.name in ("mul", "div", "add", "sub", "neg") and len(found) == 1
+        if node.name not in MOVES and not node.subgraphs and not scaling:
+            prims = prims | {node.name}  # not a move, nor a scaling or shift by a constant
+        for o in node.outputs:
+            if o is not None:
+                origin[o] = (leaves, prims)
+    return origin
+
+
 class DataFlow:
     """Facts about one graph that the site finder needs."""
 
-    def __init__(self, graph: Graph, in_taint: list[bool], out_relevant: list[bool]):
+    def __init__(self, graph: Graph, in_taint: list[bool], out_relevant: list[bool],
+                 in_src: list[int] | None = None):
         self.g = graph
-        self.tainted, self.sub_in = taint(graph, in_taint)
+        t = taint(graph, in_taint, in_src)
+        self.tainted, self.edges, self.selectors = t.tainted, t.edges, t.selectors
+        self.sub_in, self.sources = t.sub_in, t.sources
         self.producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o is not None}
         self.uses: dict[int, set[int]] = {}
         for i, n in enumerate(graph.nodes):
@@ -93,25 +242,26 @@ class DataFlow:
     def _relevance(self, out_relevant):
         g = self.g
         self.relevant = {o for o, r in zip(g.outputs, out_relevant)
-                         if r and isinstance(o, int) and o in self.tainted}
+                         if r and isinstance(o, int) and o in self.tainted and is_float(g.aval(o))}
         self.rel_nodes: set[int] = set()
         for i in reversed(range(len(g.nodes))):
             node = g.nodes[i]
             if any(o in self.relevant for o in node.outputs if o is not None):
                 self.rel_nodes.add(i)
-                self.relevant.update(a for a in node.inputs if self._t(a))
+                self.relevant.update(self._tin(i))
         self.consumers: dict[int, list[int]] = {}
         for i in sorted(self.rel_nodes):
-            for a in g.nodes[i].inputs:
-                if self._t(a):
-                    self.consumers.setdefault(a, []).append(i)
+            for a in self._tin(i):
+                self.consumers.setdefault(a, []).append(i)
         self.out_vars = {o for o in g.outputs if isinstance(o, int) and o in self.relevant}
 
     def _t(self, a) -> bool:
         return isinstance(a, int) and a in self.tainted
 
     def _tin(self, i) -> list[int]:
-        return [a for a in self.g.nodes[i].inputs if self._t(a)]
+        """The inputs of node ``i`` that reward flows into (without repeats)."""
+        inputs = self.g.nodes[i].inputs
+        return list(dict.fromkeys(inputs[p] for p in self.edges.get(i, ())))
 
     def _tout(self, i) -> list[int]:
         return [o for o in self.g.nodes[i].outputs if o is not None and o in self.relevant]

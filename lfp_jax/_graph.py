@@ -93,8 +93,13 @@ def is_float(aval: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, np.inexact)
 
 
-def build_graph(closed: Any, prefix: str = "") -> Graph:
-    """Flatten ``closed`` (a ``ClosedJaxpr``) into a :class:`Graph`; ``prefix``: enclosing module path."""
+def build_graph(closed: Any, prefix: str = "", call_sources: tuple = ()) -> Graph:
+    """Flatten ``closed`` (a ``ClosedJaxpr``) into a :class:`Graph`.
+
+    ``prefix``: the enclosing module path; ``call_sources``: source infos of the equations holding this
+    jaxpr (a scan body's primitives created inside a library, e.g. a Flax ``nn.RNN`` cell, point at the
+    user's line that called the library).
+    """
     closed = _compat.as_closed(closed)
     jaxpr = closed.jaxpr
     graph = Graph(inputs=[], outputs=[], nodes=[], avals={})
@@ -104,7 +109,7 @@ def build_graph(closed: Any, prefix: str = "") -> Graph:
     for var in jaxpr.invars:
         env[var] = _fresh(graph, var.aval)
         graph.inputs.append(env[var])
-    _emit(jaxpr.eqns, env, graph, (), (), prefix)
+    _emit(jaxpr.eqns, env, graph, (), tuple(call_sources), prefix)
     graph.outputs = [_read(env, v) for v in jaxpr.outvars]
     return graph
 
@@ -139,11 +144,12 @@ def _emit(eqns: Any, env: dict, graph: Graph, scope: tuple, call_sources: tuple,
             continue
         subgraphs = {}
         inner_prefix = _join(prefix, _compat.name_stack(eqn.source_info))
+        inner_sources = (eqn.source_info,) + call_sources
         for key, value in eqn.params.items():
             if _compat.is_jaxpr(value):
-                subgraphs[key] = build_graph(value, inner_prefix)
+                subgraphs[key] = build_graph(value, inner_prefix, inner_sources)
             elif isinstance(value, tuple) and value and all(_compat.is_jaxpr(v) for v in value):
-                subgraphs[key] = tuple(build_graph(v, inner_prefix) for v in value)
+                subgraphs[key] = tuple(build_graph(v, inner_prefix, inner_sources) for v in value)
         outputs = []
         for out in eqn.outvars:
             if _compat.DropVar and isinstance(out, _compat.DropVar):

@@ -1,10 +1,14 @@
 """Primitive tables: how reward crosses each JAX primitive.
 
-*structural* primitives move values unchanged (reward moves with them); *mixing* ones are linear in
-their one input-dependent operand (``dot_general``, convolutions, sums, sum pooling); *affine* ones add,
-multiply or divide by a constant (a bias, a scale, the ``1/n`` of a mean); *routing* ones select one
-input per output (max pooling); *spiking* ones are a LIF neuron step; everything *elementwise* and
-not affine is *nonlinear* and must become part of a site. Primitives in no table are *unknown* and refused.
+*structural* primitives move values unchanged (reward moves with them; sorting and ``top_k`` of floats
+are permutations and selections, so they are moves too); *mixing* ones are linear in their one
+input-dependent operand (``dot_general``, convolutions, sums, sum pooling); *affine* ones add, multiply
+or divide by a constant (a bias, a scale, the ``1/n`` of a mean); *routing* ones select one input per
+output (max pooling; ``max``/``min`` of two input-dependent values); *spiking* ones are a LIF neuron
+step; everything *elementwise* and not affine is *nonlinear* and must become part of a site. Primitives
+in no table are *unknown* and refused. Which inputs of a primitive carry reward is decided by the taint
+pass (:mod:`lfp_jax._dataflow`): integer and boolean values never do, unless they are the comparisons
+inside an activation.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ STRUCTURAL = {
     "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice", "dynamic_slice",
     "gather", "concatenate", "pad", "rev", "copy", "copy_p", "reduce_precision", "dynamic_update_slice",
     "scatter", "optimization_barrier", "device_put", "sharding_constraint", "mesh_cast", "reshard",
-    "split", "pvary", "argmax", "argmin", "iota", "stack", "tile",
+    "split", "pvary", "argmax", "argmin", "iota", "stack", "tile", "sort", "top_k",
 }
+# Moves of parameter values: a parameter reaching a site only through these is used as it is.
+MOVES = STRUCTURAL | {"convert_element_type"}
 ROUTING = {"reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min", "cummax", "cummin"}
 MIXING = {"dot_general", "conv_general_dilated", "reduce_sum", "reduce_window_sum", "cumsum",
           "scatter_add", "scatter-add"}
@@ -54,11 +60,12 @@ def category(flow, i: int) -> str:
     """How reward crosses node ``i`` of ``flow.g`` (see the module docstring)."""
     node = flow.g.nodes[i]
     name = node.name
-    tf = [flow._t(a) and is_float(flow.g.aval(a)) for a in node.inputs]
+    rin = set(flow.edges.get(i, ()))
+    tf = [p in rin and is_float(flow.g.aval(a)) for p, a in enumerate(node.inputs)]
     if node.subgraphs:
         return "control"
     if name == "select_n":
-        return "nonlinear" if flow._t(node.inputs[0]) else "structural"
+        return "nonlinear" if 0 in rin else "structural"
     if name == "convert_element_type":
         ok = is_float(flow.g.aval(node.inputs[0])) and is_float(flow.g.avals[node.outputs[0]])
         return "structural" if ok else "nonlinear"
@@ -68,15 +75,16 @@ def category(flow, i: int) -> str:
         return "spiking"
     if name in ROUTING:
         return "routing"
+    if name in ("max", "min") and sum(tf) == 2:
+        return "select"  # max/min of two input-dependent values: reward to the winner
     if name in ("dot_general", "conv_general_dilated"):
         return "mixing" if sum(tf) == 1 else "bilinear"
     if name in ("add", "sub", "add_any"):
         return "mixing" if sum(tf) == 2 else "affine"
     if name == "mul":
-        return "affine" if sum(tf) == 1 and not any(flow._t(a) and not f for a, f in
-                                                    zip(node.inputs, tf)) else "nonlinear"
+        return "affine" if sum(tf) == 1 and len(rin) == 1 else "nonlinear"
     if name == "div":
-        return "affine" if tf[0] and not flow._t(node.inputs[1]) else "nonlinear"
+        return "affine" if tf[0] and len(rin) == 1 else "nonlinear"
     if name == "neg":
         return "affine"
     if name in MIXING:

@@ -12,16 +12,18 @@ import functools
 
 from lfp_jax import _compat
 from lfp_jax._dataflow import VROOT, VSINK
-from lfp_jax._graph import Graph, Node
+from lfp_jax._graph import Graph
 from lfp_jax._primitives import ELEMENTWISE
-from lfp_jax.errors import NoRuleError
 
 
 def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
-    """Grow every nonlinear node into a region site (or a bilinear single-node site).
+    """Grow every nonlinear node into a region site (or a single-node site).
 
     Returns ``region_of`` (node -> (x, region, y, kind, label)) and ``singles`` (node -> (kind, label)).
-    Nodes are visited from the outputs backwards, so a region is found from its last primitive.
+    Nodes are visited from the outputs backwards, so a region is found from its last primitive. Nodes
+    no rule can cover become single sites of kind ``unknown`` (a primitive the engine does not know),
+    ``bilinear`` (a product of two input-dependent values) or ``nonlinear``; the composite has no rule
+    for them, and the engine reports them all at once.
     """
     g = flow.g
     flow.scope_sizes = {}
@@ -35,7 +37,8 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
         if i in region_of or cat not in ("nonlinear", "unknown", "bilinear"):
             continue
         if cat == "unknown":
-            raise NoRuleError(_unknown_message(g.nodes[i]))
+            singles[i] = ("unknown", g.nodes[i].name)
+            continue
         grown = None if cat == "bilinear" else grow(flow, {i})
         kind = None
         for _ in range(6):  # exp(x)/Σexp(x), log Σexp(x): the last step alone is no known block
@@ -63,7 +66,7 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
             for r in region:
                 region_of[r] = info
         else:
-            raise NoRuleError(_unknown_message(g.nodes[i], combined=True))
+            singles[i] = ("nonlinear", g.nodes[i].name)
     return region_of, singles
 
 
@@ -137,7 +140,7 @@ def _log_of_sum(flow, region: set[int], x: int) -> bool:
 # Checked in order; the first signature contained in a region's primitives names it.
 _ACTIVATION_SIGNATURES = [
     ({"erf"}, "gelu"), ({"erfc"}, "gelu"), ({"integer_pow", "tanh"}, "gelu"), ({"logistic", "mul"}, "silu"),
-    ({"expm1"}, "elu"), ({"log1p", "exp"}, "softplus"), ({"ge", "select_n", "mul"}, "leaky_relu"),
+    ({"expm1"}, "elu"), ({"log1p", "tanh", "mul"}, "mish"), ({"log1p", "exp"}, "softplus"), ({"ge", "select_n", "mul"}, "leaky_relu"),
     ({"gt", "select_n", "mul"}, "leaky_relu"), ({"convert_element_type"}, "step"),
     ({"select_n"}, "step"), ({"sign"}, "step"), ({"tanh"}, "tanh"), ({"logistic"}, "sigmoid"),
     ({"max"}, "relu"),
@@ -172,20 +175,3 @@ def _norm_label(g: Graph, nodes: list[int], x: int) -> str:
         if node.name == "reduce_sum" and x in node.inputs:
             return "batch_norm" if 0 in node.params.get("axes", ()) else "layer_norm"
     return "normalization"
-
-
-def _unknown_message(node: Node, combined: bool = False) -> str:
-    where, path = node.where, node.path
-    at = f"{where}" + (f" (in {path})" if path else "")
-    if combined:
-        return (
-            f"the input-dependent primitive `{node.name}` at {at} combines values in a way no "
-            f"feedback rule covers (it is neither an activation of one value, a normalisation, nor a "
-            f"product of two values). LFP never falls back to the plain gradient silently."
-        )
-    return (
-        f"lfp_jax has no feedback rule for the input-dependent primitive `{node.name}` at {at}. LFP "
-        f"never falls back to the plain gradient silently. If `{node.name}` acts elementwise, moves "
-        f"values, or is linear in its input, declare it with "
-        f"lfp_jax.sites.register_primitive({node.name!r}, 'elementwise' | 'structural' | 'mixing')."
-    )

@@ -15,6 +15,8 @@ networks with the softmax-loss reward and ε → 0 the feedback equals ``-|θ| �
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +28,13 @@ from jax import tree_util as jtu
 
 from lfp_jax import _graph, sites
 from lfp_jax.composites import Composite, lfp_epsilon
-from lfp_jax.errors import FrozenParameterError, FrozenParameterWarning, LFPError, RewardError
+from lfp_jax.errors import (
+    FrozenParameterError,
+    FrozenParameterWarning,
+    LFPError,
+    NoRuleError,
+    RewardError,
+)
 from lfp_jax.interpreter import evaluate
 from lfp_jax.rules import ABSOLUTE, safe_divide, stabilize
 
@@ -43,20 +51,66 @@ def _argnums_tuple(argnums: int | Sequence[int], n: int) -> tuple[int, ...]:
     return tuple(sorted(k % n for k in nums))
 
 
+def _input_argnums(input_argnums, n: int, argnums: tuple[int, ...]) -> tuple[int, ...] | None:
+    if input_argnums is None:
+        return None
+    nums = (input_argnums,) if isinstance(input_argnums, int) else tuple(input_argnums)
+    for k in nums:
+        if not isinstance(k, int) or not -n <= k < n:
+            raise ValueError(f"input_argnums={input_argnums!r} does not fit a call with {n} positional "
+                             f"arguments")
+    nums = tuple(sorted({k % n for k in nums}))
+    if set(nums) & set(argnums):
+        raise ValueError(f"input_argnums={input_argnums!r} and argnums={argnums!r} overlap: an argument "
+                         f"holds either parameters or inputs")
+    return nums
+
+
+def _is_array(leaf: Any) -> bool:
+    """Leaves that are traced: arrays and numbers. Anything else (an equinox module's activation
+    function, a string) is a static part of the model and is closed over."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)) or hasattr(
+        leaf, "__jax_array__")
+
+
+def _path_name(path) -> str:
+    """``layers/0/linear/kernel`` for a pytree key path (nnx's trailing ``.value`` dropped)."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    while parts and parts[-1] in ("value", "raw_value"):
+        parts.pop()
+    return "/".join(parts)
+
+
 class _Traced:
     """``fun`` traced once for given primals: graph, plan, and where every leaf goes."""
 
-    def __init__(self, fun, primals, composite, argnums, has_aux):
+    def __init__(self, fun, primals, composite, argnums, has_aux, input_argnums=None,
+                 positions=None, strict=True):
         if not callable(fun):
             raise TypeError(f"fun must be callable, got {type(fun).__name__}")
         self.argnums = _argnums_tuple(argnums, len(primals))
-        self.leaves, self.in_tree = jtu.tree_flatten(primals)
-        self.owner = []  # primal index of each leaf
+        self.input_argnums = _input_argnums(input_argnums, len(primals), self.argnums)
+        self.positions = list(positions) if positions is not None else list(range(len(primals)))
+        all_leaves, self.in_tree = jtu.tree_flatten(primals)
+        self.all_leaves = all_leaves
+        self.traced = [k for k, leaf in enumerate(all_leaves) if _is_array(leaf)]
+        self.leaves = [all_leaves[k] for k in self.traced]
+        owner = []  # primal index of each leaf
         for k, p in enumerate(primals):
-            self.owner += [k] * len(jtu.tree_leaves(p))
+            owner += [k] * len(jtu.tree_leaves(p))
+        self.owner = [owner[k] for k in self.traced]
+        paths = _leaf_paths(primals)
+        self.paths = [paths[k] for k in self.traced]
         self.is_param = [k in self.argnums for k in self.owner]
         avals = [jax.typeof(x) for x in self.leaves]
-        for leaf_aval, param, path in zip(avals, self.is_param, _leaf_paths(primals)):
+        for leaf_aval, param, path in zip(avals, self.is_param, self.paths):
             if param and not _graph.is_float(leaf_aval):
                 raise LFPError(
                     f"parameter leaf {path} has dtype {leaf_aval.dtype}: LFP feedback is defined for "
@@ -65,7 +119,10 @@ class _Traced:
                 )
 
         def flat_fun(*leaves):
-            return fun(*jtu.tree_unflatten(self.in_tree, leaves))
+            full = list(all_leaves)
+            for k, v in zip(self.traced, leaves):
+                full[k] = v
+            return fun(*jtu.tree_unflatten(self.in_tree, full))
 
         closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*self.leaves)
         if has_aux:
@@ -78,23 +135,55 @@ class _Traced:
             n_primary = self.out_tree.num_leaves
         self.full_out_tree = jtu.tree_structure(out_shape)
         self.graph = _graph.build_graph(closed)
-        self.in_taint = [not p and _graph.is_float(a) for p, a in zip(self.is_param, avals)]
+        self.is_input = [not p and (self.input_argnums is None or k in self.input_argnums)
+                         for p, k in zip(self.is_param, self.owner)]
+        self.in_taint = [i and _graph.is_float(a) for i, a in zip(self.is_input, avals)]
         out_avals = [self.graph.aval(o) for o in self.graph.outputs]
         self.primary = [k < n_primary for k in range(len(out_avals))]
         self.float_out = [_graph.is_float(a) for a in out_avals]
-        self.plan = sites.analyse(self.graph, self.in_taint, self.primary, composite)
+        leaf_names = tuple(_path_name(path) for path in self.key_paths(primals))
+        self.names = leaf_names
+        self.plan = sites.analyse(
+            self.graph, self.in_taint, self.primary, composite,
+            in_src=[1 << self.positions[k] for k in self.owner],
+            in_origin=[(frozenset({j}), frozenset()) if p else None for j, p in enumerate(self.is_param)],
+            leaf_paths=leaf_names)
+        if strict:
+            missing = sites.problems(self.plan)
+            if missing:
+                raise NoRuleError(_problem_report(self, missing))
         reached = [k for k, o in enumerate(self.graph.outputs)
                    if self.primary[k] and self.float_out[k] and isinstance(o, int)
                    and o in self.plan.tainted]
         if not reached:
-            kinds = sorted({str(a.dtype) for a, p in zip(avals, self.is_param) if not p})
+            kinds = sorted({str(a.dtype) for a, i in zip(avals, self.is_input) if i})
             raise LFPError(
                 "no floating-point input of fun reaches its (floating-point) outputs, so there is "
-                f"nothing reward could flow back through (non-parameter input dtypes: {kinds}). LFP "
-                "propagates reward to float inputs: pass images/features as floats; for integer "
+                f"nothing reward could flow back through (input dtypes: {kinds}"
+                + ("" if self.input_argnums is None else f", input_argnums={self.input_argnums}")
+                + "). LFP propagates reward to float inputs: pass images/features as floats; for integer "
                 "inputs such as token ids, embed them first and pass the embeddings."
             )
         self.diff = [k for k in range(len(self.leaves)) if self.is_param[k] or self.in_taint[k]]
+
+    def key_paths(self, primals):
+        """Key paths of the traced leaves, without the argument's position."""
+        flat = jtu.tree_flatten_with_path(primals)[0]
+        return [flat[k][0][1:] for k in self.traced]
+
+    def unflatten(self, values: list) -> Any:
+        """The primals' structure with ``values`` at traced leaves and ``None`` at static ones."""
+        full: list[Any] = [None] * len(self.all_leaves)
+        for k, v in zip(self.traced, values):
+            full[k] = v
+        return jtu.tree_unflatten(self.in_tree, full)
+
+    def argument(self, position: int) -> str:
+        """``argument 2 (['batch_stats']['BatchNorm_0']['mean'], ...)``: a user-facing description."""
+        local = self.positions.index(position)
+        names = [p for p, o in zip(self.names, self.owner) if o == local]
+        shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+        return f"argument {position}" + (f" ({shown})" if shown else "")
 
 
 def _leaf_paths(primals) -> list[str]:
@@ -106,6 +195,7 @@ def lfp_vjp(
     *primals: Any,
     composite: Composite | None = None,
     argnums: int | Sequence[int] = 0,
+    input_argnums: int | Sequence[int] | None = None,
     has_aux: bool = False,
     allow_frozen: bool = False,
 ):
@@ -115,11 +205,17 @@ def lfp_vjp(
     :func:`~lfp_jax.lfp_epsilon`, the reference LFP-ε rules).
 
     Args:
-      fun: any JAX callable, e.g. a linen ``model.apply``, an nnx model call, or plain jnp code.
-      *primals: its arguments. Floating-point leaves of arguments not in ``argnums`` are the inputs
-        reward flows back to; integer leaves (labels, PRNG keys) are constants.
+      fun: any JAX callable, e.g. a linen ``model.apply``, an nnx model call, an equinox model, or
+        plain jnp code.
+      *primals: its arguments. Floating-point leaves of input arguments (see ``input_argnums``) are
+        the inputs reward flows back to; integer leaves (labels, PRNG keys) are constants. Leaves that
+        are not arrays (an equinox module's activation function) are static parts of ``fun``.
       composite: which rule at which site; see :mod:`lfp_jax.composites`.
       argnums: position(s) of the argument(s) holding the parameters.
+      input_argnums: position(s) of the argument(s) holding the model inputs, which carry reward.
+        Every other non-parameter argument is a constant: running statistics passed to a BatchNorm
+        in eval mode (``batch_stats``), a padding or attention mask, a dropout mask, an nnx state.
+        Default: every argument not in ``argnums`` is an input.
       has_aux: ``fun`` returns ``(outputs, aux)``; only ``outputs`` receive reward.
       allow_frozen: do not warn (:class:`~lfp_jax.errors.FrozenParameterWarning`) about parameter
         arrays that are entirely zero and so can never move (checked only when the parameters are
@@ -128,15 +224,22 @@ def lfp_vjp(
     Returns:
       ``(outputs, feedback_fn)`` or ``(outputs, feedback_fn, aux)``. ``feedback_fn(reward)``, with
       ``reward`` shaped like ``outputs``, returns one entry per primal: for parameter arguments the
-      feedback ``|θ| ⊙ J_θᵀ s`` (same pytree, summed over the batch); for the other arguments the input
-      relevance ``x ⊙ c_x`` (``None`` for integer leaves).
+      feedback ``|θ| ⊙ J_θᵀ s`` (same pytree, summed over the batch); for input arguments the input
+      relevance ``x ⊙ c_x`` (``None`` for integer and static leaves); ``None`` for constant arguments.
+
+    Raises:
+      NoRuleError: sites that no rule of ``composite`` covers, all of them in one table.
     """
+    return _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_frozen, None)
+
+
+def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_frozen, positions):
     composite = lfp_epsilon() if composite is None else composite
-    t = _Traced(fun, primals, composite, argnums, has_aux)
+    t = _Traced(fun, primals, composite, argnums, has_aux, input_argnums, positions)
     if not allow_frozen:
         frozen = frozen_parameters(tuple(primals[k] for k in t.argnums))
         if frozen:
-            warnings.warn(_frozen_message(frozen), FrozenParameterWarning, stacklevel=2)
+            warnings.warn(_frozen_message(frozen), FrozenParameterWarning, stacklevel=3)
 
     def f(*diff_leaves):
         full = list(t.leaves)
@@ -148,6 +251,8 @@ def lfp_vjp(
     float_outs, vjp_fn, outs = jax.vjp(f, *[t.leaves[k] for k in t.diff], has_aux=True)
     result = jtu.tree_unflatten(t.full_out_tree, outs)
     outputs, aux = result if has_aux else (result, None)
+    constant = [k not in t.argnums and t.input_argnums is not None and k not in t.input_argnums
+                for k in range(len(primals))]
 
     def feedback_fn(reward: Any) -> tuple:
         r_leaves = _check_reward(reward, outputs, t.out_tree)
@@ -170,11 +275,79 @@ def lfp_vjp(
         for k, ct in zip(t.diff, cts):
             x = t.leaves[k]
             result_leaves[k] = jnp.abs(x) * ct if t.is_param[k] else x * ct
-        return tuple(jtu.tree_unflatten(t.in_tree, result_leaves))
+        per_arg = t.unflatten(result_leaves)
+        return tuple(None if c else a for a, c in zip(per_arg, constant))
 
     if has_aux:
         return outputs, feedback_fn, aux
     return outputs, feedback_fn
+
+
+_HINTS = {
+    "unknown": (
+        "lfp_jax has no feedback rule for this primitive. If it acts elementwise, moves values, is "
+        "linear in its input or selects one input per output, declare it with "
+        "lfp_jax.sites.register_primitive(name, 'elementwise' | 'structural' | 'mixing' | 'routing')."),
+    "softmax": (
+        "a softmax (or log-softmax / log-sum-exp) of input-dependent values inside the model. AttnLRP's "
+        "softmax rule (transformers) is not implemented yet. A softmax at the output belongs in the "
+        "reward: return the logits. To accept the plain gradient here, say so: "
+        "composite.with_rules((Match(kind='softmax'), rules.Gradient()))."),
+    "bilinear": (
+        "a product of two input-dependent values (attention scores q·kᵀ, attention weights · values, "
+        "a gate such as an LSTM's σ(·) ⊙ tanh(·)). AttnLRP's product rule is not implemented yet. To "
+        "accept the plain gradient at products, say so: "
+        "composite.with_rules((Match(kind='bilinear'), rules.Gradient()))."),
+    "nonlinear": (
+        "input-dependent values combined in a way no rule covers: neither an activation of one value, "
+        "a normalisation, a softmax, a product of two values nor a max of two values. A Gradient rule "
+        "(Match(kind='nonlinear')) would give the whole region the plain gradient, every layer among "
+        "its primitives included; rewriting the computation is usually better."),
+}
+
+
+def _problem_report(t: _Traced, missing: list) -> str:
+    """One error for every site without a rule: a table like describe's, then one hint per kind."""
+    rows = [(str(n), s.kind, s.label, s.path or "-", _prims(s), _short_source(s.source_line))
+            for n, s in enumerate(missing)]
+    lines = [f"lfp_jax has no feedback rule for {len(missing)} site{'s' * (len(missing) != 1)} of this "
+             f"model (LFP never falls back to the plain gradient silently):"]
+    lines += _table([("", "kind", "label", "module", "primitives", "source")] + rows,
+                    (4, 14, 16, 30, 24, 44))
+    hints: dict[str, list[int]] = {}
+    for n, site in enumerate(missing):
+        hint = site.problem if site.rule is None and "only applies" in (site.problem or "") else (
+            _HINTS.get(site.kind, site.problem or ""))
+        hint = hint + _argument_hint(t, site)
+        hints.setdefault(hint, []).append(n)
+    for hint, ns in hints.items():
+        kind = missing[ns[0]].kind
+        which = ("site " if len(ns) == 1 else "sites ") + ", ".join(map(str, ns))
+        lines.append(f"{which} ({kind}): {hint}")
+    return "\n".join(lines)
+
+
+def _argument_hint(t: _Traced, site) -> str:
+    """When the model's arguments are all inputs by default and a refused site depends on an
+    argument that may be a constant (running statistics, a mask), say how to declare the inputs."""
+    if t.input_argnums is not None or not site.sources:
+        return ""
+    inputs = sorted({t.positions[k] for k, i in zip(t.owner, t.in_taint) if i})
+    if len(inputs) < 2:
+        return ""
+
+    def args(mask):
+        return [p for p in inputs if mask >> p & 1]
+
+    per_operand = [args(m) for m in site.sources]
+    first = inputs[0]
+    suspects = sorted({p for ops in per_operand if first not in ops for p in ops})
+    if not suspects:
+        return ""
+    keep = tuple(p for p in inputs if p not in suspects)
+    what = "; ".join(t.argument(p) for p in suspects)
+    return (f" One of its values depends only on {what}. If that argument is a constant (running "
+            f"statistics, a mask), name the arguments that carry reward: input_argnums={keep!r}.")
 
 
 def _check_reward(reward: Any, outputs: Any, out_tree) -> list[Any]:
@@ -229,17 +402,31 @@ def check_params(params: Any) -> None:
         raise FrozenParameterError(_frozen_message(frozen))
 
 
-def _split_args(args, argnums, reward_argnums):
-    reward_set = set(reward_argnums)
+def _split_args(args, argnums, reward_argnums, input_argnums):
+    """``fun``'s arguments, the reward's, and the argument numbers in ``fun``'s positions."""
+    n = len(args)
+    for k in reward_argnums:
+        if not isinstance(k, int) or not -n <= k < n:
+            raise ValueError(f"reward_argnums={reward_argnums!r} does not fit a call with {n} "
+                             f"positional arguments")
+    reward_set = {k % n for k in reward_argnums}
     fun_args = [a for i, a in enumerate(args) if i not in reward_set]
-    reward_args = [args[i] for i in reward_argnums]
-    mapping = [i for i in range(len(args)) if i not in reward_set]
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    try:
-        fun_nums = tuple(mapping.index(k % len(args)) for k in nums)
-    except ValueError:
-        raise ValueError(f"argnums {argnums} and reward_argnums {reward_argnums} overlap") from None
-    return fun_args, reward_args, (fun_nums[0] if isinstance(argnums, int) else fun_nums)
+    reward_args = [args[i % n] for i in reward_argnums]
+    mapping = [i for i in range(n) if i not in reward_set]
+
+    def to_fun(nums, name):
+        single = isinstance(nums, int)
+        nums = (nums,) if single else tuple(nums)
+        for k in nums:
+            if not isinstance(k, int) or not -n <= k < n:
+                raise ValueError(f"{name}={nums!r} does not fit a call with {n} positional arguments")
+            if k % n in reward_set:
+                raise ValueError(f"{name} {nums} and reward_argnums {tuple(reward_argnums)} overlap")
+        fun_nums = tuple(mapping.index(k % n) for k in nums)
+        return fun_nums[0] if single else fun_nums
+
+    inputs = None if input_argnums is None else to_fun(input_argnums, "input_argnums")
+    return fun_args, reward_args, to_fun(argnums, "argnums"), inputs, mapping
 
 
 def lfp_value_and_feedback(
@@ -248,6 +435,7 @@ def lfp_value_and_feedback(
     *,
     composite: Composite | None = None,
     argnums: int | Sequence[int] = 0,
+    input_argnums: int | Sequence[int] | None = None,
     has_aux: bool = False,
     reward_argnums: Sequence[int] = (),
     allow_frozen: bool = False,
@@ -262,11 +450,17 @@ def lfp_value_and_feedback(
         logits, feedback = g(params, images, labels)   # fun(params, images); reward_fn(logits, labels)
         params = jax.tree.map(lambda p, f: p + lr * f, params, feedback)
 
+    Constants passed as arguments (running statistics, masks) are declared by naming the inputs::
+
+        fun = lambda p, x, stats: net.apply({"params": p, "batch_stats": stats}, x)
+        g = lfp_value_and_feedback(fun, rewards.softmax_loss, input_argnums=(1,), reward_argnums=(3,))
+        logits, feedback = g(params, images, batch_stats, labels)
+
     Args:
       fun: the model; ``fun(*args)`` with the reward arguments removed.
       reward_fn: ``reward_fn(outputs, *reward_args) -> reward`` with the structure of ``outputs``.
-      composite, argnums, has_aux, allow_frozen: as in :func:`lfp_vjp` (``argnums`` counts positions
-        of ``g``'s arguments).
+      composite, has_aux, allow_frozen: as in :func:`lfp_vjp`.
+      argnums, input_argnums: as in :func:`lfp_vjp`, counting positions of ``g``'s arguments.
       reward_argnums: positions of ``g``'s arguments passed to ``reward_fn`` instead of ``fun``.
 
     Returns:
@@ -277,9 +471,9 @@ def lfp_value_and_feedback(
     reward_argnums = tuple(reward_argnums) if not isinstance(reward_argnums, int) else (reward_argnums,)
 
     def g(*args):
-        fun_args, reward_args, nums = _split_args(args, argnums, reward_argnums)
-        res = lfp_vjp(fun, *fun_args, composite=composite, argnums=nums, has_aux=has_aux,
-                      allow_frozen=allow_frozen)
+        fun_args, reward_args, nums, inputs, mapping = _split_args(args, argnums, reward_argnums,
+                                                                   input_argnums)
+        res = _lfp_vjp(fun, fun_args, composite, nums, inputs, has_aux, allow_frozen, mapping)
         outputs, feedback_fn = res[0], res[1]
         reward = jax.lax.stop_gradient(reward_fn(outputs, *reward_args))
         per_arg = feedback_fn(reward)
@@ -321,44 +515,124 @@ def lfp_grad(fun: Callable, reward_fn: Callable, **kwargs: Any) -> Callable:
 
 
 def find_sites(fun: Callable, *args: Any, composite: Composite | None = None,
-               argnums: int | Sequence[int] = 0, has_aux: bool = False) -> list[sites.Site]:
+               argnums: int | Sequence[int] = 0, input_argnums: int | Sequence[int] | None = None,
+               has_aux: bool = False) -> list[sites.Site]:
     """The sites of ``fun`` at ``args`` (including those inside scan/cond/remat bodies), in order.
 
-    Each :class:`~lfp_jax.sites.Site` has its ``kind``, ``label``, resolved ``rule``, ``name_stack``
-    and ``source_line``; :func:`describe` prints them as a table.
+    Each :class:`~lfp_jax.sites.Site` has its ``kind``, ``label``, resolved ``rule`` (``None`` where
+    the composite has none, with the reason in ``problem``), module ``path``, ``param_paths`` and
+    ``source_line``; :func:`describe` prints them as a table.
     """
     composite = lfp_epsilon() if composite is None else composite
-    t = _Traced(fun, args, composite, argnums, has_aux)
+    t = _Traced(fun, args, composite, argnums, has_aux, input_argnums, strict=False)
     return [site for _, site in sites.iter_sites(t.plan)]
 
 
 def describe(fun: Callable, *args: Any, composite: Composite | None = None,
-             argnums: int | Sequence[int] = 0, has_aux: bool = False) -> str:
+             argnums: int | Sequence[int] = 0, input_argnums: int | Sequence[int] | None = None,
+             has_aux: bool = False) -> str:
     """A table of the sites of ``fun`` at ``args``: kind, what it computes, rule, module, source line.
 
-    Example output for a linen MLP::
+    Sites without a rule are listed with ``-- none --`` and the reason below the table (``lfp_vjp``
+    refuses such a model). Long cells wrap onto further lines. Below the table: parameters that reach
+    their site through a computation (weight normalisation, a ``softplus``/``exp``
+    reparameterisation, a transposed copy) and parameters used by several sites; their feedback
+    follows the chain rule from the parameter to its uses (see :func:`lfp_vjp`). Example for a linen
+    MLP::
 
         composite: lfp_epsilon(epsilon=1e-06)
-           kind        label  rule                    module       primitives   source
-        0  linear      dense  Epsilon(epsilon=1e-06)  MLP/Dense_0  dot_general  model.py:12 (MLP.__call__)
-        1  activation  relu   Identity(epsilon=None)  MLP          max          model.py:13 (MLP.__call__)
-        2  linear      dense  Epsilon(epsilon=1e-06)  MLP/Dense_1  dot_general  model.py:14 (MLP.__call__)
+           kind        label  rule            module       primitives   source
+        0  linear      dense  Epsilon(1e-06)  MLP/Dense_0  dot_general  model.py:12 (MLP.__call__)
+        1  activation  relu   Identity()      MLP          max          model.py:13 (MLP.__call__)
+        2  linear      dense  Epsilon(1e-06)  MLP/Dense_1  dot_general  model.py:14 (MLP.__call__)
+        3 sites
     """
     composite = lfp_epsilon() if composite is None else composite
-    t = _Traced(fun, args, composite, argnums, has_aux)
+    t = _Traced(fun, args, composite, argnums, has_aux, input_argnums, strict=False)
+    found = list(sites.iter_sites(t.plan))
     rows = [("", "kind", "label", "rule", "module", "primitives", "source")]
-    for n, (depth, site) in enumerate(sites.iter_sites(t.plan)):
-        prims = "+".join(dict.fromkeys(site.primitives))
-        prims = prims if len(prims) <= 32 else prims[:29] + "..."
+    for n, (depth, site) in enumerate(found):
         rows.append((str(n), "  " * depth + site.kind, site.label, _rule_name(site.rule),
-                     site.name_stack or "-", prims, site.source_line))
-    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+                     site.path or "-", _prims(site), _short_source(site.source_line)))
     lines = [f"composite: {composite.name}"]
-    for r in rows:
-        lines.append("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6])
-    lines.append(f"{len(rows) - 1} sites")
+    lines += _table(rows, (4, 16, 16, 26, 30, 22, 40))
+    lines.append(f"{len(found)} sites")
+    missing = [site for _, site in found if site.rule is None]
+    if missing:
+        lines.append(f"{len(missing)} without a rule (lfp_vjp refuses the model; its error says how "
+                     f"to fix each):")
+        index = {id(site): n for n, (_, site) in enumerate(found)}
+        for site in missing:
+            lines.append(f"  site {index[id(site)]} ({site.kind}): {site.problem}")
+    lines += _parameter_paths([site for _, site in found])
     return "\n".join(lines)
 
 
+def _parameter_paths(found: list) -> list[str]:
+    lines = []
+    reparam = [(n, s) for n, s in enumerate(found) if s.reparameterized]
+    if reparam:
+        lines.append("parameters reaching their site through a computation (feedback by the chain rule, "
+                     "F_θ = |θ| ⊙ (∂W/∂θ)ᵀ c_W):")
+        for n, site in reparam:
+            for name, prims in site.reparameterized:
+                lines.append(f"  site {n} ({site.label}): {name} via {'+'.join(prims)}")
+    users: dict[str, list[int]] = {}
+    for n, site in enumerate(found):
+        for name in site.param_paths:
+            users.setdefault(name, []).append(n)
+    shared = {name: ns for name, ns in users.items() if len(ns) > 1}
+    if shared:
+        lines.append("parameters used by several sites (feedback summed over the uses):")
+        for name, ns in shared.items():
+            lines.append(f"  {name}: sites {', '.join(map(str, ns))}")
+    return lines
+
+
+def _prims(site) -> str:
+    return "+".join(dict.fromkeys(site.primitives))
+
+
+def _short_source(line: str) -> str:
+    """``model.py:12 (Net.__call__)``: the file's base name."""
+    path, sep, rest = line.partition(":")
+    return os.path.basename(path) + sep + rest if sep else line
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` cut into pieces of at most ``width`` characters, preferably after ``/``, ``+``, ``,``
+    or a space (a long module path, primitive list or rule stays readable)."""
+    pieces = []
+    while len(text) > width:
+        cut = max(text.rfind(c, 0, width) for c in "/+, ")
+        cut = cut + 1 if cut > width // 3 else width
+        pieces.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    return pieces + [text]
+
+
+def _table(rows: list[tuple], widths: tuple[int, ...]) -> list[str]:
+    """Rows as aligned columns; a cell longer than its column's width wraps onto further lines."""
+    cells = [[_wrap(c, w) for c, w in zip(r, widths)] for r in rows]
+    cols = [max(len(piece) for r in cells for piece in r[c]) for c in range(len(widths))]
+    lines = []
+    for r in cells:
+        for k in range(max(len(c) for c in r)):
+            parts = [(c[k] if k < len(c) else "").ljust(w) for c, w in zip(r, cols)]
+            lines.append("  ".join(parts).rstrip())
+    return lines
+
+
 def _rule_name(rule: Any) -> str:
-    return repr(rule).replace("lfp_jax.rules.", "")
+    """``Epsilon(1e-06)``, ``Identity()``, ``Gamma(1e-06, gamma=0.25)``: ε first, then other fields."""
+    if rule is None:
+        return "-- none --"
+    if not dataclasses.is_dataclass(rule):
+        return repr(rule)
+    fields = [f.name for f in dataclasses.fields(rule)]
+    parts = []
+    if "epsilon" in fields and rule.epsilon is not None:
+        parts.append(f"{rule.epsilon:g}" if isinstance(rule.epsilon, float) else repr(rule.epsilon))
+    parts += [f"{f}={getattr(rule, f)!r}" for f in fields
+              if f != "epsilon" and getattr(rule, f) is not None]
+    return f"{type(rule).__name__}({', '.join(parts)})"

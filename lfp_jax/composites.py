@@ -28,11 +28,13 @@ class Match:
 
     Args:
       kind: site kind (``"linear"``, ``"activation"``, ``"normalization"``, ``"sum"``, ``"pool"``,
-        ``"max_pool"``, ``"dropout"``).
+        ``"max_pool"``, ``"max"``, ``"dropout"``, ``"spiking"``, ``"softmax"``, ``"bilinear"``,
+        ``"nonlinear"``).
       label: what the site computes (``"dense"``, ``"conv"``, ``"relu"``, ``"tanh"``, ``"silu"``,
         ``"gelu"``, ``"step"``, ``"batch_norm"``, ...); glob patterns allowed.
-      path: glob over the site's name stack (linen module path such as ``"MLP/Dense_0"`` or a
-        ``jax.named_scope``).
+      path: glob over the site's module path (:attr:`lfp_jax.sites.Site.path`): a linen module
+        path such as ``"MLP/Dense_0"``, an nnx attribute path such as ``"layers/0/linear"``, an
+        equinox field path such as ``"layers/0"``, or a ``jax.named_scope``.
       where: any predicate ``site -> bool``.
     """
 
@@ -46,7 +48,7 @@ class Match:
             return False
         if self.label is not None and not fnmatch.fnmatchcase(site.label, self.label):
             return False
-        if self.path is not None and not fnmatch.fnmatchcase(site.name_stack, self.path):
+        if self.path is not None and not fnmatch.fnmatchcase(site.path, self.path):
             return False
         return self.where is None or bool(self.where(site))
 
@@ -67,28 +69,24 @@ class Composite:
         """A copy with ``pairs`` appended (they take precedence)."""
         return dataclasses.replace(self, entries=self.entries + tuple(pairs))
 
-    def resolve(self, site: Any) -> R.Rule:
+    def lookup(self, site: Any) -> tuple[R.Rule | None, str | None]:
+        """The rule of ``site``: ``(rule, None)``, or ``(None, why)`` when no pair gives one."""
         for match, rule in reversed(self.entries):
             if match(site):
                 if site.kind not in rule.kinds:
-                    raise NoRuleError(
-                        f"rule {rule!r} was selected for a {site.kind!r} site ({site.label}) at "
-                        f"{site.source_line}, but it only applies to {sorted(rule.kinds)}. Narrow the "
-                        f"Match (e.g. Match(kind=...)) so it selects sites of those kinds."
-                    )
-                return rule
-        if site.kind in ("softmax", "bilinear", "nonlinear"):
-            hint = (f"lfp_jax has no LRP rule for this kind of site yet (AttnLRP's softmax and product "
-                    f"rules are planned). To accept the plain gradient here, say so: "
-                    f"composite.with_rules((Match(kind={site.kind!r}), rules.Gradient())); for a "
-                    f"softmax at the output, return the logits instead.")
-        else:
-            hint = (f"Add a pair for it, e.g. composite.with_rules((Match(kind={site.kind!r}), "
-                    f"rules.Epsilon())).")
-        raise NoRuleError(
-            f"no rule in composite {self.name!r} matches the {site.kind!r} site ({site.label}, "
-            f"primitives {'+'.join(dict.fromkeys(site.primitives))}) at {site.source_line}. {hint}"
-        )
+                    return None, (
+                        f"rule {rule!r} was selected for this {site.kind!r} site, but it only applies "
+                        f"to {sorted(rule.kinds)}. Narrow the Match (e.g. Match(kind=...)) so it "
+                        f"selects sites of those kinds.")
+                return rule, None
+        return None, f"no rule in composite {self.name!r} matches this {site.kind!r} site."
+
+    def resolve(self, site: Any) -> R.Rule:
+        """The rule of ``site``; raises :class:`~lfp_jax.errors.NoRuleError` when there is none."""
+        rule, problem = self.lookup(site)
+        if rule is None:
+            raise NoRuleError(f"{site.kind!r} site ({site.label}) at {site.source_line}: {problem}")
+        return rule
 
 
 def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Composite:
@@ -96,7 +94,8 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
 
     Dense/Conv (with bias), residual sums, average pooling, means and normalisations (one block, exact
     Jacobian, batch statistics included) use :class:`~lfp_jax.rules.Epsilon`; every activation uses
-    :class:`~lfp_jax.rules.Identity`; max pooling :class:`~lfp_jax.rules.WinnerTakeAll`; dropout
+    :class:`~lfp_jax.rules.Identity`; max pooling and the elementwise max/min of two input-dependent
+    values (maxout) :class:`~lfp_jax.rules.WinnerTakeAll`; dropout
     :class:`~lfp_jax.rules.Dropout` (``dropout_rescale=False`` conserves reward instead); LIF neurons
     :class:`~lfp_jax.rules.SpikingEpsilon`.
 
@@ -113,6 +112,7 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
             (Match(kind="normalization"), eps),
             (Match(kind="activation"), R.Identity()),
             (Match(kind="max_pool"), R.WinnerTakeAll()),
+            (Match(kind="max"), R.WinnerTakeAll()),
             (Match(kind="dropout"), R.Dropout(rescale=dropout_rescale)),
             (Match(kind="spiking"), R.SpikingEpsilon(epsilon)),
         ),

@@ -24,7 +24,7 @@ rule                  site kinds              backward
                       normalization           block, ``y/stab(y)`` at its output
 :class:`Identity`     activation              ``R_x = R_y``:  ``c_x = c_y · φ(x) / stab(x)``
 :class:`Gradient`     any                     the plain VJP (explicit opt-in, never a default)
-:class:`WinnerTakeAll` max_pool               reward to the arg-max
+:class:`WinnerTakeAll` max_pool, max          reward to the arg-max / the larger operand
 :class:`Dropout`      dropout                 the reference's VJP on ``R`` (rescales by 1/(1-p)),
                                               or the conservative ``R_x = mask ⊙ R_y``
 :class:`SpikingEpsilon` spiking (LIF step)   membrane-based normaliser, reward handed to the
@@ -209,25 +209,31 @@ class Gradient(Rule):
     """
 
     kinds: ClassVar[frozenset[str]] = frozenset(
-        {"linear", "sum", "pool", "normalization", "activation", "max_pool", "dropout", "softmax",
-         "bilinear", "nonlinear", "spiking"}
+        {"linear", "sum", "pool", "normalization", "activation", "max_pool", "max", "dropout",
+         "softmax", "bilinear", "nonlinear", "spiking"}
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class WinnerTakeAll(Rule):
-    """Max pooling: all reward of a window goes to its arg-max (the VJP of ``max``).
+    r"""Max pooling and maxout: all reward goes to the winner (the VJP of ``max``).
 
-    Ties go to the first maximum of the window in row-major order, as in the VJP of
-    ``reduce_window``. Non-overlapping pooling (window = stride, no padding or dilation; the usual
+    In a pooling window (``max_pool`` sites) ties go to the first maximum of the window in row-major
+    order, as in the VJP of ``reduce_window``. For the elementwise ``y = max(a, b)`` (or ``min``) of
+    two input-dependent values (``max`` sites: maxout ``max(x A, x B)``, a spiking residual
+    ``max(x, x_skip)``), ``R_a = R_y`` where ``a > b`` and ``R_b = R_y`` where ``b > a``; where
+    ``a = b`` each operand receives ``R_y / 2`` (JAX's convention for the derivative of ``max``),
+    so reward is conserved. In the normalised form this is ``c_a = c_y · [a > b] + c_y/2 · [a = b]``. Non-overlapping pooling (window = stride, no padding or dilation; the usual
     2x2/2 pool) is evaluated on CPU as a reshape and a reduction, forward and backward, with the same
     values and routing: XLA's CPU ``reduce_window`` and its VJP ``select_and_scatter_add`` are several
     times slower than that (benchmarks/lenet_cpu.py).
     """
 
-    kinds: ClassVar[frozenset[str]] = frozenset({"max_pool"})
+    kinds: ClassVar[frozenset[str]] = frozenset({"max_pool", "max"})
 
     def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        if call.site.kind == "max":
+            return call.fn(*operands)
         window = _tiling_window(call)
         if window is None:
             return call.fn(*operands)

@@ -4,13 +4,16 @@ A jaxpr is primitives, not layers. This module reads a :class:`~lfp_jax._graph.G
 every primitive through which reward can flow, what it is part of:
 
 * **taint**: a value is *input-dependent* if it depends on a floating-point input of the model
-  (parameters and integer inputs such as labels or PRNG keys are constants for the reward flow);
-  ``stop_gradient`` ends dependence. Only values that reach a rewarded output are considered.
+  (parameters, constant arguments and integer inputs such as labels or PRNG keys are constants for
+  the reward flow); ``stop_gradient`` ends dependence. Only floating-point values carry reward: an
+  input-dependent integer or boolean (an arg-max, a sequence length, a mask, a ``cond`` predicate)
+  selects as a constant would, except for the comparisons inside an activation such as
+  ``(x > 0).astype(f)``. Only values that reach a rewarded output are considered.
 * **categories** of single primitives: *structural* (reshape, transpose, slice, concat, ...: reward
   moves unchanged), *mixing* (``dot_general``, convolutions, ``reduce_sum``, sum pooling, the sum of
   two input-dependent values), *elementwise affine* (adding, multiplying or dividing by a constant:
-  a bias, a BatchNorm scale in eval mode, the ``1/n`` of a mean), *routing* (max pooling), and
-  *nonlinear* (everything else).
+  a bias, a BatchNorm scale in eval mode, the ``1/n`` of a mean), *routing* (max pooling, the
+  elementwise ``max``/``min`` of two input-dependent values), and *nonlinear* (everything else).
 * **regions**: every nonlinear primitive is grown into the smallest single-input, single-output
   sub-graph around it, using the dominator tree of the data flow (the region's input dominates it, its
   output post-dominates it). A region that is elementwise in its input is an **activation** (ReLU,
@@ -32,11 +35,12 @@ control-flow sub-plans); this module builds the sites and the :class:`Plan`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lfp_jax._blocks import place_stabilizers
-from lfp_jax._dataflow import DataFlow, output_taint
+from lfp_jax._dataflow import DataFlow, output_taint, param_origins
 from lfp_jax._graph import Graph, Lit, is_float
 from lfp_jax._primitives import (
     ELEMENTWISE,
@@ -56,17 +60,28 @@ class Site:
     """A place where one rule decides how reward crosses.
 
     Attributes:
-      kind: ``linear``, ``sum``, ``pool``, ``max_pool``, ``activation``, ``normalization``,
-        ``softmax``, ``dropout``, ``spiking``, ``bilinear`` or ``nonlinear``.
+      kind: ``linear``, ``sum``, ``pool``, ``max_pool``, ``max`` (elementwise max/min of two
+        input-dependent values), ``activation``, ``normalization``, ``softmax``, ``dropout``,
+        ``spiking``, ``bilinear``, ``nonlinear`` or ``unknown`` (the last three have no rule in the
+        presets).
       label: what it computes (``dense``, ``conv``, ``relu``, ``silu``, ``batch_norm``, ...).
       nodes: indices of its primitives in the graph, in order.
       operands: its external inputs (graph values or constants), reward-carrying ones first.
       output: the value it hands on; ``extras`` are inner values used elsewhere without reward.
-      name_stack: Flax module path / named scope ('' for none); source_line: the user's code.
+      path: the module path of the site, which ``Match(path=...)`` selects by: the linen module path
+        (``MLP/Dense_0``), else the attribute path of its parameters (nnx ``layers/0/linear``, equinox
+        ``layers/0``; a plain dict ``w1``), else, for a site without parameters, the module holding
+        the layer that feeds it ('' when nothing names it).
+      name_stack: the raw name stack (linen module path, ``jax.named_scope``; '' for none).
+      source_line: the user's code.
+      param_paths: leaf paths of the parameters the site uses (through any computation).
+      reparameterized: for parameters reaching the site through computations other than moves
+        (weight normalisation, ``softplus``/``exp``, ...): ``(leaf path, primitives)`` pairs.
       primitives, params: name and parameters of each primitive in ``nodes``.
       operand_positions, output_positions: for a one-primitive site, where each operand sits among
         the primitive's inputs and where ``(output, *extras)`` sit among its outputs.
-      rule: the rule chosen by the composite.
+      rule: the rule chosen by the composite (``None`` if there is none; ``problem`` says why).
+      sources: per reward-carrying operand, the model arguments it depends on (a bit mask).
     """
 
     kind: str
@@ -85,6 +100,11 @@ class Site:
     input_epsilon: float | None = None
     carries_reward: tuple[bool, ...] = ()
     normalized_output: bool = False  # spiking: every use wants c = R / spikes; the rule converts
+    path: str = ""
+    param_paths: tuple[str, ...] = ()
+    reparameterized: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    problem: str | None = None
+    sources: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(eq=False)
@@ -103,9 +123,21 @@ class Plan:
     schedule: list = dataclasses.field(default_factory=list)  # node indices and Sites, in order
 
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every (sub-)analysis of one model shares: the composite and the parameters' leaf paths."""
+
+    composite: Any
+    leaf_paths: tuple[str, ...] = ()
+
+
 def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], composite: Any, *,
-            in_eps: list | None = None, wrap_out: list | None = None) -> Plan:
+            in_eps: list | None = None, wrap_out: list | None = None, in_src: list | None = None,
+            in_origin: list | None = None, leaf_paths: Sequence[str] = ()) -> Plan:
     """Find the sites of ``graph`` and resolve their rules.
+
+    A site the composite has no rule for keeps ``rule=None`` and says why in ``Site.problem``; the
+    caller reports all of them at once (see :func:`problems`).
 
     Args:
       graph: the flattened model.
@@ -115,11 +147,21 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
       in_eps: per input, the ε of the block whose not-yet-stabilised output it is (sub-graphs).
       wrap_out: per output, stabilise a pending block output inside this graph (default: no, its ε
         is reported in ``Plan.output_epsilon`` for the caller: the seed, or the enclosing graph).
+      in_src: per input, a bit mask of the model arguments it comes from (for error messages).
+      in_origin: per input, ``(parameter leaves, primitives)`` for values computed from parameters
+        only, else ``None``; ``leaf_paths`` names the leaves.
     """
+    context = composite if isinstance(composite, Context) else Context(composite, tuple(leaf_paths))
     n_in, n_out = len(graph.inputs), len(graph.outputs)
-    return _Analysis(graph, in_taint, out_relevant, composite,
+    return _Analysis(graph, in_taint, out_relevant, context,
                      list(in_eps) if in_eps is not None else [None] * n_in,
-                     list(wrap_out) if wrap_out is not None else [False] * n_out).run()
+                     list(wrap_out) if wrap_out is not None else [False] * n_out,
+                     in_src, in_origin if in_origin is not None else [None] * n_in).run()
+
+
+def problems(plan: Plan) -> list[Site]:
+    """The sites of ``plan`` (sub-plans included) that have no rule, in order."""
+    return [site for _, site in iter_sites(plan) if site.rule is None]
 
 
 def _position(atoms: tuple, atom: Any) -> int:
@@ -129,9 +171,12 @@ def _position(atoms: tuple, atom: Any) -> int:
 
 
 class _Analysis(DataFlow):
-    def __init__(self, graph: Graph, in_taint, out_relevant, composite, in_eps, wrap_out):
-        super().__init__(graph, in_taint, out_relevant)
-        self.composite, self.in_eps, self.wrap_out = composite, in_eps, wrap_out
+    def __init__(self, graph: Graph, in_taint, out_relevant, context, in_eps, wrap_out, in_src,
+                 in_origin):
+        super().__init__(graph, in_taint, out_relevant, in_src)
+        self.context, self.composite = context, context.composite
+        self.in_eps, self.wrap_out = in_eps, wrap_out
+        self.origin = param_origins(graph, in_origin, self.tainted)
 
     def run(self) -> Plan:
         cats = {i: category(self, i) for i in self.rel_nodes if self._tin(i)}
@@ -161,8 +206,79 @@ class _Analysis(DataFlow):
                 site_of_node[r] = site
         plan = Plan(g, self.tainted, sites, site_of_node, {}, set(), set(), {}, {})
         plan.schedule = self._schedule(site_of_node)
-        place_stabilizers(self, plan, cats, self.composite, self.in_eps, self.wrap_out)
+        self._site_of_node = site_of_node
+        self._attach_parameters(plan, cats)
+        place_stabilizers(self, plan, cats, self.context, self.in_eps, self.wrap_out)
         return plan
+
+    # -- parameters and module paths --------------------------------------------------------------
+
+    def _attach_parameters(self, plan: Plan, cats: dict) -> None:
+        """Give every site the parameters it uses (its own operands, and the biases and scales applied
+        in its block: ``x @ W`` then ``+ b``) and its module path (see :attr:`Site.path`)."""
+        g, paths = self.g, self.context.leaf_paths
+        self._own: dict[int, list[str]] = {}
+        owner: dict[int, Site] = {}
+        used: dict[int, dict] = {}  # id(site) -> {leaf: primitives}
+
+        def take(site, atoms):
+            entry = used.setdefault(id(site), {})
+            for a in atoms:
+                found = self.origin.get(a) if isinstance(a, int) else None
+                if found is not None:
+                    for leaf in found[0]:
+                        entry[leaf] = entry.get(leaf, frozenset()) | found[1]
+
+        for step in plan.schedule:
+            if isinstance(step, Site):
+                take(step, step.operands)
+                if step.kind not in ("activation", "dropout"):
+                    owner[step.output] = step
+                continue
+            if cats.get(step) not in ("affine", "structural", "routing"):
+                continue
+            tin = self._tin(step)
+            if len(tin) == 1 and tin[0] in owner:
+                site = owner[tin[0]]
+                take(site, [a for a in g.nodes[step].inputs if not (isinstance(a, int) and a in tin)])
+                for o in g.nodes[step].outputs:
+                    if o is not None:
+                        owner[o] = site
+        for site in plan.sites:
+            own = {leaf for a in site.operands if isinstance(a, int) and a in self.origin
+                   for leaf in self.origin[a][0]}
+            self._own[id(site)] = [paths[leaf] for leaf in sorted(own) if leaf < len(paths)]
+            entry = used.get(id(site), {})
+            named = sorted((paths[leaf] if leaf < len(paths) else f"leaf {leaf}", prims)
+                           for leaf, prims in entry.items())
+            site.param_paths = tuple(name for name, _ in named)
+            site.reparameterized = tuple((name, tuple(sorted(p))) for name, p in named if p)
+        for site in plan.schedule:
+            if isinstance(site, Site):
+                site.path = self._module_path(site)
+
+    def _module_path(self, site: Site) -> str:
+        scope = clean_name_stack(site.name_stack)
+        if scope:
+            return scope
+        own = self._own.get(id(site))
+        if own:  # a layer's own weights name it, not the biases and scales applied after it
+            return _parent(own)
+        if site.param_paths:
+            return _parent(site.param_paths)
+        # no parameters: the module holding the layer that feeds the site
+        stack, seen = [a for a in site.operands if self._t(a)], set()
+        while stack:
+            a = stack.pop(0)
+            p = self.producer.get(a)
+            if p is None or p in seen:
+                continue
+            seen.add(p)
+            feeding = self._site_of_node.get(p)
+            if feeding is not None and feeding is not site and feeding.param_paths:
+                return feeding.path.rpartition("/")[0]
+            stack.extend(self._tin(p))
+        return ""
 
     def _schedule(self, site_of_node: dict) -> list:
         """A topological order of nodes in which each site is one step.
@@ -207,6 +323,8 @@ class _Analysis(DataFlow):
                 "cumsum": ("pool", "cumsum"),
             }.get(name, ("sum", "sum") if name in ("add", "sub", "add_any") else ("pool", name))
             return self._make_site(kind, label, [i], None, None)
+        if cat == "select":
+            return self._make_site("max", "maximum" if name == "max" else "minimum", [i], None, None)
         if cat == "routing":
             return self._make_site("max_pool", name.replace("reduce_window_", "") + "_pool"
                                    if "window" in name else name, [i], None, None)
@@ -286,10 +404,36 @@ class _Analysis(DataFlow):
             output_positions=None if single is None else tuple(
                 _position(single.outputs, v) for v in (output,) + extras),
             carries_reward=tuple(carries[k] for k in order),
+            sources=tuple(self.sources.get(a, 0) for a, k in zip(operands, order) if carries[k]),
         )
 
     def _used_outside(self, v: int, nodes: set[int]) -> bool:
         return v in self.graph_outputs or bool(self.uses.get(v, set()) - nodes)
+
+
+_TRANSFORM = re.compile(r"^(vmap|pmap|jvp|transpose|checkpoint|remat|jit|pjit|scan|cond|while)\(.*\)$")
+
+
+def clean_name_stack(stack: str) -> str:
+    """A name stack without transformation wrappers (``vmap(...)``), equinox's class scopes
+    (``eqx.nn.Linear``) and ``jnp.einsum``'s equations (``bi,bj->bij``): what is left is a module path
+    (linen) or a user's ``jax.named_scope``."""
+    parts = [p for p in stack.split("/")
+             if p and not _TRANSFORM.match(p) and not p.startswith("eqx.") and "->" not in p]
+    return "/".join(parts)
+
+
+def _parent(paths: Sequence[str]) -> str:
+    """The module holding parameters at ``paths``: their common parent (a top-level leaf: itself)."""
+    split = [p.split("/") for p in paths]
+    common = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if len(common) == min(len(p) for p in split):  # one leaf, or a leaf and its own sub-leaves
+        common = common[:-1] if len(common) > 1 else common
+    return "/".join(common)
 
 
 def iter_sites(plan: Plan, depth: int = 0) -> Iterable[tuple[int, Site]]:
@@ -303,5 +447,5 @@ def iter_sites(plan: Plan, depth: int = 0) -> Iterable[tuple[int, Site]]:
                 yield from iter_sites(s, depth + 1)
 
 
-__all__ = ["Site", "Plan", "analyse", "register_primitive", "iter_sites", "output_taint", "Lit",
+__all__ = ["Site", "Plan", "Context", "analyse", "problems", "register_primitive", "iter_sites", "output_taint", "Lit",
            "STRUCTURAL", "ROUTING", "MIXING", "ELEMENTWISE", "NO_REWARD"]
