@@ -140,7 +140,8 @@ def _normalize_spikes_in_rules(flow, plan) -> None:
 
 
 def _reaches_output(flow, v) -> bool:
-    """Whether value ``v`` reaches a graph output through moves only (reshape, slice, stack, ...)."""
+    """Whether value ``v`` reaches a graph output through moves only (reshape, slice, stack, ...,
+    and the elementwise max of two values, which routes reward as it is)."""
     stack, seen = [v], set()
     while stack:
         u = stack.pop()
@@ -153,7 +154,7 @@ def _reaches_output(flow, v) -> bool:
             cat = category(flow, i)
             if cat == "control":  # conservative: it may hand the spikes on to an output
                 return True
-            if cat == "structural":
+            if cat in ("structural", "select"):  # moves, and max/min of two spike trains
                 stack.extend(flow.g.nodes[i].outputs)
     return False
 

@@ -141,7 +141,8 @@ class _Traced:
         out_avals = [self.graph.aval(o) for o in self.graph.outputs]
         self.primary = [k < n_primary for k in range(len(out_avals))]
         self.float_out = [_graph.is_float(a) for a in out_avals]
-        leaf_names = tuple(_path_name(path) for path in self.key_paths(primals))
+        leaf_names = tuple(_path_name(path) or f"<argument {self.positions[k]}>"
+                           for path, k in zip(self.key_paths(primals), self.owner))
         self.names = leaf_names
         self.plan = sites.analyse(
             self.graph, self.in_taint, self.primary, composite,
@@ -237,7 +238,7 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
     composite = lfp_epsilon() if composite is None else composite
     t = _Traced(fun, primals, composite, argnums, has_aux, input_argnums, positions)
     if not allow_frozen:
-        frozen = frozen_parameters(tuple(primals[k] for k in t.argnums))
+        frozen = _frozen(tuple(primals[k] for k in t.argnums))
         if frozen:
             warnings.warn(_frozen_message(frozen), FrozenParameterWarning, stacklevel=3)
 
@@ -285,9 +286,10 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
 
 _HINTS = {
     "unknown": (
-        "lfp_jax has no feedback rule for this primitive. If it acts elementwise, moves values, is "
-        "linear in its input or selects one input per output, declare it with "
-        "lfp_jax.sites.register_primitive(name, 'elementwise' | 'structural' | 'mixing' | 'routing')."),
+        "lfp_jax has no feedback rule for the primitive `{label}`. If it acts elementwise, moves "
+        "values, is linear in its input or selects one input per output, declare it with "
+        "lfp_jax.sites.register_primitive({label!r}, 'elementwise' | 'structural' | 'mixing' | "
+        "'routing')."),
     "softmax": (
         "a softmax (or log-softmax / log-sum-exp) of input-dependent values inside the model. AttnLRP's "
         "softmax rule (transformers) is not implemented yet. A softmax at the output belongs in the "
@@ -313,11 +315,13 @@ def _problem_report(t: _Traced, missing: list) -> str:
     lines = [f"lfp_jax has no feedback rule for {len(missing)} site{'s' * (len(missing) != 1)} of this "
              f"model (LFP never falls back to the plain gradient silently):"]
     lines += _table([("", "kind", "label", "module", "primitives", "source")] + rows,
-                    (4, 14, 16, 30, 24, 44))
+                    (4, 14, 14, 34, 22, 36))
     hints: dict[str, list[int]] = {}
     for n, site in enumerate(missing):
-        hint = site.problem if site.rule is None and "only applies" in (site.problem or "") else (
-            _HINTS.get(site.kind, site.problem or ""))
+        if "only applies" in (site.problem or ""):  # a rule the composite chose for the wrong kind
+            hint = site.problem
+        else:
+            hint = _HINTS.get(site.kind, site.problem or "").format(label=site.label)
         hint = hint + _argument_hint(t, site)
         hints.setdefault(hint, []).append(n)
     for hint, ns in hints.items():
@@ -372,23 +376,60 @@ def _check_reward(reward: Any, outputs: Any, out_tree) -> list[Any]:
 
 def frozen_parameters(params: Any) -> list[str]:
     """Paths of the floating-point arrays in ``params`` that are entirely zero (traced ones skipped)."""
+    return [path for path, _ in _frozen(params)]
+
+
+def _frozen(params: Any) -> list[tuple[str, str]]:
+    """``(path, what)`` of every all-zero floating-point array; ``what`` says what it is (see
+    :func:`_frozen_message`)."""
+    from lfp_jax.nn.initializers import _leaf_name, is_norm_scale
+
+    flat = jtu.tree_flatten_with_path(params)[0]
+    names = [_leaf_name(path) for path, _ in flat]
+    kernels = {n[:-1] for n, (_, leaf) in zip(names, flat) if n and n[-1] == "kernel" and jnp.ndim(leaf) >= 2}
+    scales = {n[:-1] for n, (_, leaf) in zip(names, flat) if is_norm_scale(n, leaf)}
     frozen = []
-    for path, leaf in jtu.tree_flatten_with_path(params)[0]:
+    for name, (path, leaf) in zip(names, flat):
         if isinstance(leaf, jax.core.Tracer) or not _graph.is_float(getattr(leaf, "aval", leaf)):
             continue
         # numpy, not jnp: under jit a jnp comparison of a captured constant would be traced
-        if leaf.size and not np.any(np.asarray(leaf) != 0):
-            frozen.append(jtu.keystr(path))
+        if not (leaf.size and not np.any(np.asarray(leaf) != 0)):
+            continue
+        last, owner = (name[-1] if name else ""), name[:-1]
+        if last in ("kernel", "bias") and owner in kernels:
+            what = "layer"
+        elif is_norm_scale(name, leaf):
+            what = "scale"
+        elif last in ("bias", "offset") and owner in scales:
+            what = "offset"
+        else:
+            what = "other"
+        frozen.append((jtu.keystr(path), what))
     return frozen
 
 
-def _frozen_message(frozen: list[str]) -> str:
-    return (
-        f"parameters {', '.join(frozen)} are all exactly zero. LFP feedback is proportional to |θ|, so "
-        f"they never change. Flax initialises biases to zero: use params = lfp_jax.nn.torch_init(key, "
-        f"params) (PyTorch's init, as in the reference; it keeps normalisation offsets at 0, frozen as "
-        f"in the reference). Pass allow_frozen=True where freezing is intended."
-    )
+_FROZEN_ADVICE = {
+    "layer": "Flax initialises biases to zero: params = lfp_jax.nn.torch_init(key, params) gives "
+             "kernels and biases PyTorch's U(±1/√fan_in), as in the reference",
+    "scale": "a normalisation scale of zero silences its layer (Flax's ResNets start every residual "
+             "block's last scale at zero): lfp_jax.nn.torch_init sets normalisation scales to 1, "
+             "PyTorch's default",
+    "offset": "normalisation offsets start at 0 in PyTorch and Flax alike, so they stay frozen under "
+              "LFP, as in the reference; lfp_jax.nn.torch_init keeps them",
+    "other": "give them non-zero initial values (lfp_jax.nn.torch_init covers only Flax kernels and "
+             "biases and normalisation scales)",
+}
+
+
+def _frozen_message(frozen: list[tuple[str, str]]) -> str:
+    lines = ["parameters that are all exactly zero never change under LFP (feedback is proportional "
+             "to |θ|):"]
+    for what in ("layer", "scale", "offset", "other"):
+        paths = [p for p, w in frozen if w == what]
+        if paths:
+            lines.append(f"  {', '.join(paths)}: {_FROZEN_ADVICE[what]}.")
+    lines.append("Pass allow_frozen=True where freezing is intended.")
+    return "\n".join(lines)
 
 
 def check_params(params: Any) -> None:
@@ -397,7 +438,7 @@ def check_params(params: Any) -> None:
     LFP feedback is ``|θ| ⊙ (...)``, so such arrays never move (Flax initialises biases to zero; use
     :func:`lfp_jax.nn.torch_init`). Traced values are skipped (call this once outside ``jit``).
     """
-    frozen = frozen_parameters(params)
+    frozen = _frozen(params)
     if frozen:
         raise FrozenParameterError(_frozen_message(frozen))
 
@@ -555,7 +596,7 @@ def describe(fun: Callable, *args: Any, composite: Composite | None = None,
         rows.append((str(n), "  " * depth + site.kind, site.label, _rule_name(site.rule),
                      site.path or "-", _prims(site), _short_source(site.source_line)))
     lines = [f"composite: {composite.name}"]
-    lines += _table(rows, (4, 16, 16, 26, 30, 22, 40))
+    lines += _table(rows, (4, 14, 14, 24, 34, 22, 36))
     lines.append(f"{len(found)} sites")
     missing = [site for _, site in found if site.rule is None]
     if missing:
@@ -605,7 +646,7 @@ def _wrap(text: str, width: int) -> list[str]:
     pieces = []
     while len(text) > width:
         cut = max(text.rfind(c, 0, width) for c in "/+, ")
-        cut = cut + 1 if cut > width // 3 else width
+        cut = cut + 1 if cut > 0 else width
         pieces.append(text[:cut].rstrip())
         text = text[cut:].lstrip()
     return pieces + [text]

@@ -414,18 +414,25 @@ class _Analysis(DataFlow):
 _TRANSFORM = re.compile(r"^(vmap|pmap|jvp|transpose|checkpoint|remat|jit|pjit|scan|cond|while)\(.*\)$")
 
 
+_LIFTED = re.compile(r"^\w+\.\w+_fn$")  # linen's lifted transforms: ``LSTMCell_0.scan_fn``
+
+
 def clean_name_stack(stack: str) -> str:
     """A name stack without transformation wrappers (``vmap(...)``), equinox's class scopes
-    (``eqx.nn.Linear``) and ``jnp.einsum``'s equations (``bi,bj->bij``): what is left is a module path
+    (``eqx.nn.Linear``), ``jnp.einsum``'s equations (``bi,bj->bij``) and linen's lifted functions
+    (``LSTMCell_0.scan_fn``): what is left is a module path
     (linen) or a user's ``jax.named_scope``."""
     parts = [p for p in stack.split("/")
-             if p and not _TRANSFORM.match(p) and not p.startswith("eqx.") and "->" not in p]
+             if p and not _TRANSFORM.match(p) and not p.startswith("eqx.") and "->" not in p
+             and not _LIFTED.match(p)]
     return "/".join(parts)
 
 
 def _parent(paths: Sequence[str]) -> str:
     """The module holding parameters at ``paths``: their common parent (a top-level leaf: itself)."""
-    split = [p.split("/") for p in paths]
+    split = [p.split("/") for p in paths if not p.startswith("<")]  # "<argument 0>": an array
+    if not split:
+        return ""
     common = []
     for parts in zip(*split):
         if len(set(parts)) != 1:

@@ -1,9 +1,11 @@
 """Every error path says what is wrong, where, and how to fix it."""
 
+import inspect
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lfp_jax
@@ -20,24 +22,35 @@ def _feedback(fun, params=P, x=X, **kw):
 
 def test_unknown_input_dependent_primitive_is_named_with_the_users_line():
     def fun(p, x):
-        return jnp.sort(x @ p["w"] + p["b"], axis=-1)  # line of the error
+        return jax.lax.bessel_i1e(x @ p["w"] + p["b"])  # line of the error
 
+    line = inspect.getsourcelines(fun)[1] + 1
     with pytest.raises(errors.NoRuleError) as info:
         _feedback(fun)
     msg = str(info.value)
-    assert "`sort`" in msg and "test_errors.py" in msg and "register_primitive" in msg
+    assert "`bessel_i1e`" in msg and f"test_errors.py:{line}" in msg
+    assert "register_primitive('bessel_i1e'" in msg
 
 
-def test_registering_a_primitive_makes_it_usable():
+def test_registering_a_primitive_makes_it_an_activation():
+    """An elementwise primitive, once declared, is an activation site with the identity rule:
+    R_x = R_y, i.e. c_x = c_y · φ(x) / x at ε = 0 (checked on one layer by hand)."""
+
     def fun(p, x):
-        return jnp.sort(x @ p["w"] + p["b"], axis=-1)
+        return jax.lax.bessel_i1e(x @ p["w"]) @ jnp.eye(2)
 
-    lfp_jax.sites.register_primitive("sort", "structural")  # sorting only moves values
+    lfp_jax.sites.register_primitive("bessel_i1e", "elementwise")
     try:
-        _, fb = _feedback(fun)
-        assert jnp.all(jnp.isfinite(fb["w"]))
+        kinds = [(s.kind, s.label) for s in lfp_jax.find_sites(fun, P, X)]
+        assert kinds == [("linear", "dense"), ("activation", "elementwise"), ("linear", "dense")]
+        reward = jnp.arange(8.0).reshape(4, 2) - 3.0
+        _, fb_fn = lfp_jax.lfp_vjp(fun, P, X, composite=lfp_jax.lfp_epsilon(0.0))
+        fb, _ = fb_fn(reward)
+        z = X @ P["w"]
+        s = reward / z  # R_z = R_y (identity rule), then the ε rule of the dense layer at ε = 0
+        np.testing.assert_allclose(fb["w"], np.abs(P["w"]) * (X.T @ s), rtol=1e-6)
     finally:
-        lfp_jax.sites.STRUCTURAL.discard("sort")
+        lfp_jax.sites.ELEMENTWISE.discard("bessel_i1e")
 
 
 def test_data_dependent_while_loop_is_refused():
@@ -88,13 +101,15 @@ def test_product_of_two_inputs_has_no_default_rule():
         q, k = x @ p["w"], x @ p["w"] + p["b"]
         return jnp.einsum("bi,bj->bij", q, k).sum(-1)   # attention-like q·kᵀ
 
-    with pytest.raises(errors.NoRuleError, match="'bilinear' site"):
+    with pytest.raises(errors.NoRuleError, match="0  bilinear  dot_general") as info:
         _feedback(fun)
+    assert "AttnLRP's product rule" in str(info.value)
 
 
 def test_softmax_inside_the_model_has_no_default_rule():
-    with pytest.raises(errors.NoRuleError, match="'softmax' site"):
+    with pytest.raises(errors.NoRuleError, match="0  softmax  softmax") as info:
         _feedback(lambda p, x: jax.nn.softmax(x @ p["w"] + p["b"]) @ jnp.eye(2))
+    assert "return the logits" in str(info.value)
 
 
 def test_explicit_gradient_rule_unlocks_a_site():
@@ -129,7 +144,7 @@ def test_bad_labels_for_a_reward_are_refused():
 
 
 def test_log_softmax_inside_the_model_has_no_default_rule():
-    with pytest.raises(errors.NoRuleError, match="'softmax' site \\(logsumexp"):
+    with pytest.raises(errors.NoRuleError, match="0  softmax  logsumexp"):
         _feedback(lambda p, x: jax.nn.log_softmax(x @ p["w"] + p["b"]) @ jnp.eye(2))
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import lfp_jax
+from lfp_jax import Match
 
 P = {"w1": jnp.ones((4, 5)) * 0.3, "b1": jnp.ones((5,)) * 0.1, "w2": jnp.ones((5, 3)) * 0.2}
 X = jnp.linspace(-2.0, 2.0, 12).reshape(3, 4)
@@ -103,7 +104,7 @@ def test_describe_points_at_the_users_lines():
     first = inspect.getsourcelines(fun)[1]
     table = lfp_jax.describe(fun, P, X)
     assert f"test_sites.py:{first + 1}" in table and f"test_sites.py:{first + 2}" in table
-    assert "Identity" in table and "Epsilon(epsilon=1e-06)" in table and "relu" in table
+    assert "Identity()" in table and "Epsilon(1e-06)" in table and "relu" in table
 
 
 def test_sites_inside_scan_are_found():
@@ -115,3 +116,71 @@ def test_sites_inside_scan_are_found():
 
     kinds = [s.kind for s in lfp_jax.find_sites(fun, P, X)]
     assert kinds == ["linear", "activation", "linear"]
+
+
+def test_linen_sites_are_matched_by_module_path():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(5, name="hidden")(x))
+            return nn.Dense(3, name="out")(x)
+
+    v = Net().init(jax.random.key(0), X)
+    composite = lfp_jax.lfp_epsilon().with_rules((Match(path="*/out"), lfp_jax.rules.ZPlus()))
+    sites = lfp_jax.find_sites(lambda p, x: Net().apply(p, x), v, X, composite=composite)
+    assert [(s.path, type(s.rule).__name__) for s in sites] == [
+        ("Net/hidden", "Epsilon"), ("Net", "Identity"), ("Net/out", "ZPlus")]
+
+
+def test_plain_function_sites_are_named_after_their_weights():
+    sites = lfp_jax.find_sites(lambda p, x: jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"], P, X)
+    assert [s.path for s in sites] == ["w1", "", "w2"]
+    assert sites[0].param_paths == ("b1", "w1")
+
+
+def test_mish_is_labelled_mish():
+    kinds = _kinds(lambda p, x: jax.nn.mish(x @ p["w1"]) @ p["w2"])
+    assert kinds[1] == ("activation", "mish")
+
+
+def test_describe_rows_of_a_transformer_stay_readable():
+    """Long module paths and primitive lists wrap inside their columns (no row past 160 characters);
+    the attention's softmax and products are listed without a rule, with the reason below."""
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.LayerNorm(name="pre_attention_layer_norm")(x)
+            h = nn.MultiHeadDotProductAttention(num_heads=2, name="self_attention_over_tokens")(h, h)
+            x = x + h
+            return x + nn.Dense(8, name="feed_forward_output_projection")(
+                nn.gelu(nn.Dense(16, name="feed_forward_input_projection")(nn.LayerNorm()(x))))
+
+    class Encoder(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for k in range(2):
+                x = Block(name=f"encoder_block_number_{k}")(x)
+            return x.mean(1)
+
+    x = jnp.ones((2, 4, 8))
+    v = Encoder().init(jax.random.key(0), x)
+    table = lfp_jax.describe(lambda p, x: Encoder().apply(p, x), v, x)
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) <= 160, max(lines, key=len)
+    assert "feed_forward_output_projection" in table.replace("\n", "").replace(" ", "")
+    assert "without a rule" in table and "softmax" in table
+
+
+def test_sites_inside_flax_rnn_cells_point_at_the_users_line():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.RNN(nn.SimpleCell(4, param_dtype=jnp.float64))(x)[:, -1]  # this line
+
+    x = jnp.ones((2, 3, 4), jnp.float64)
+    v = Net().init(jax.random.key(0), x)
+    line = inspect.getsourcelines(Net)[1] + 3
+    sites = lfp_jax.find_sites(lambda p, x: Net().apply(p, x), v, x)
+    assert [s.kind for s in sites] == ["linear", "linear", "sum", "activation"]
+    assert all(s.source_line.endswith(f"test_sites.py:{line} (Net.__call__)") for s in sites)

@@ -1,10 +1,12 @@
 r"""PyTorch-style initialisation for Flax models.
 
 LFP feedback is ``|θ| ⊙ J_θᵀ s``: a parameter that is exactly zero never moves. Flax initialises
-biases (and normalisation offsets) to zero; the reference implementation inherits PyTorch's defaults,
-where Dense/Conv kernels are ``kaiming_uniform(a=√5)``, i.e. ``U(−1/√fan_in, 1/√fan_in)``, and biases
-``U(−1/√fan_in, 1/√fan_in)`` too. Normalisation scales start at 1 and offsets at 0 in both libraries
-(so BatchNorm offsets stay frozen under LFP, as in the reference).
+biases (and normalisation offsets) to zero, and some Flax models (the ResNets of Flax's examples)
+initialise the last normalisation scale of every residual block to zero, which freezes the whole
+branch. The reference implementation inherits PyTorch's defaults, where Dense/Conv kernels are
+``kaiming_uniform(a=√5)``, i.e. ``U(−1/√fan_in, 1/√fan_in)``, biases ``U(−1/√fan_in, 1/√fan_in)``
+too, normalisation scales 1 and offsets 0 (so normalisation offsets stay frozen under LFP, as in the
+reference). Equinox already initialises ``Linear`` and ``Conv`` layers that way.
 
 Use the initialisers when building a model, or re-initialise an existing parameter tree::
 
@@ -14,6 +16,7 @@ Use the initialisers when building a model, or re-initialise an existing paramet
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -55,29 +58,57 @@ def torch_bias_init(fan_in: int):
 
 
 def torch_init(key: jax.Array, params: Any) -> Any:
-    """Re-initialise every ``kernel``/``bias`` pair of a parameter tree the way PyTorch would.
+    """Re-initialise a parameter tree the way PyTorch would.
 
-    Works on linen ``params`` dicts and nnx ``State`` trees: a leaf named ``kernel`` with at least two
-    dimensions gets ``U(±1/√fan_in)``, and a ``bias`` leaf next to it ``U(±1/√fan_in)`` with the same
-    fan-in. Other leaves (normalisation scales and offsets, embeddings) are kept.
+    Works on linen ``params`` dicts, nnx ``State`` trees and equinox modules:
+
+    * a leaf named ``kernel`` with at least two dimensions (Flax's Dense and Conv) gets
+      ``U(±1/√fan_in)``, and a ``bias`` leaf next to it ``U(±1/√fan_in)`` with the same fan-in;
+    * normalisation scales, leaves named ``scale`` (Flax) or one-dimensional leaves named ``weight``
+      (equinox's LayerNorm, GroupNorm, BatchNorm, RMSNorm), are set to 1, PyTorch's default (a
+      zero-initialised scale would freeze its whole residual branch under LFP);
+    * everything else is kept: normalisation offsets (0, as in PyTorch), embeddings, and equinox's
+      ``Linear``/``Conv`` weights and biases, which equinox already draws from ``U(±1/√fan_in)``.
     """
     leaves, treedef = jtu.tree_flatten_with_path(params)
-    # nnx Variables add a trailing ``.value`` to the path of each array
-    names = [tuple(n for n in map(_key_name, path) if n not in ("value", "raw_value"))
-             for path, _ in leaves]
+    names = [_leaf_name(path) for path, _ in leaves]
     fan_in = {}
     for name, (_, leaf) in zip(names, leaves):
         if name and name[-1] == "kernel" and jnp.ndim(leaf) >= 2:
             fan_in[name[:-1]] = _fan_in(jnp.shape(leaf))
+    specs = []  # (leaf index, shape, dtype, bound or None for ones)
+    for k, (name, (_, leaf)) in enumerate(zip(names, leaves)):
+        if name and name[-1] in ("kernel", "bias") and name[:-1] in fan_in:
+            specs.append((k, jnp.shape(leaf), jnp.result_type(leaf), 1.0 / math.sqrt(fan_in[name[:-1]])))
+        elif is_norm_scale(name, leaf):
+            specs.append((k, jnp.shape(leaf), jnp.result_type(leaf), None))
     keys = jax.random.split(key, max(len(leaves), 1))
-    out = []
-    for k, name, (_, leaf) in zip(keys, names, leaves):
-        owner = name[:-1]
-        if name and name[-1] in ("kernel", "bias") and owner in fan_in:
-            bound = 1.0 / math.sqrt(fan_in[owner])
-            leaf = jax.random.uniform(k, jnp.shape(leaf), jnp.result_type(leaf), -bound, bound)
-        out.append(leaf)
+    new = _draw(tuple(keys[k] for k, *_ in specs), tuple(spec[1:] for spec in specs))
+    out = [leaf for _, leaf in leaves]
+    for (k, *_), value in zip(specs, new):
+        out[k] = value
     return jtu.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw(keys: tuple, specs: tuple) -> list:
+    """All new leaves in one compiled call (eager draws compile one small program per leaf shape)."""
+    return [jnp.ones(shape, dtype) if bound is None else
+            jax.random.uniform(key, shape, dtype, -bound, bound)
+            for key, (shape, dtype, bound) in zip(keys, specs)]
+
+
+def is_norm_scale(name: tuple[str, ...], leaf: Any) -> bool:
+    """Whether a leaf at key names ``name`` is a normalisation scale (Flax ``scale``, equinox 1-D
+    ``weight``)."""
+    if not name or not hasattr(leaf, "shape"):
+        return False
+    return name[-1] == "scale" or (name[-1] == "weight" and jnp.ndim(leaf) == 1)
+
+
+def _leaf_name(path) -> tuple[str, ...]:
+    # nnx Variables add a trailing ``.value`` to the path of each array
+    return tuple(n for n in map(_key_name, path) if n not in ("value", "raw_value"))
 
 
 def _key_name(entry: Any) -> str:
