@@ -183,4 +183,4 @@ def test_sites_inside_flax_rnn_cells_point_at_the_users_line():
     line = inspect.getsourcelines(Net)[1] + 3
     sites = lfp_jax.find_sites(lambda p, x: Net().apply(p, x), v, x)
     assert [s.kind for s in sites] == ["linear", "linear", "sum", "activation"]
-    assert all(s.source_line.endswith(f"test_sites.py:{line} (Net.__call__)") for s in sites)
+    assert all(f"test_sites.py:{line} (" in s.source_line and "Net.__call__" in s.source_line for s in sites)
