@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -234,13 +235,22 @@ def lfp_vjp(
     return _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_frozen, None)
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that points at the user's call, past every lfp_jax frame."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_frozen, positions):
     composite = lfp_epsilon() if composite is None else composite
     t = _Traced(fun, primals, composite, argnums, has_aux, input_argnums, positions)
     if not allow_frozen:
         frozen = _frozen(tuple(primals[k] for k in t.argnums))
         if frozen:
-            warnings.warn(_frozen_message(frozen), FrozenParameterWarning, stacklevel=3)
+            warnings.warn(_frozen_message(frozen), FrozenParameterWarning, stacklevel=_user_stacklevel())
 
     def f(*diff_leaves):
         full = list(t.leaves)
@@ -630,8 +640,10 @@ def _parameter_paths(found: list) -> list[str]:
     return lines
 
 
-def _prims(site) -> str:
-    return "+".join(dict.fromkeys(site.primitives))
+def _prims(site, limit: int = 40) -> str:
+    """The site's distinct primitives, ``+``-joined, cut after ``limit`` characters."""
+    text = "+".join(dict.fromkeys(site.primitives))
+    return text if len(text) <= limit else text[:text.rfind("+", 0, limit - 3) + 1] + "..."
 
 
 def _short_source(line: str) -> str:
