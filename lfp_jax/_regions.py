@@ -140,7 +140,8 @@ def _log_of_sum(flow, region: set[int], x: int) -> bool:
 # Checked in order; the first signature contained in a region's primitives names it.
 _ACTIVATION_SIGNATURES = [
     ({"erf"}, "gelu"), ({"erfc"}, "gelu"), ({"integer_pow", "tanh"}, "gelu"), ({"logistic", "mul"}, "silu"),
-    ({"expm1"}, "elu"), ({"log1p", "tanh", "mul"}, "mish"), ({"log1p", "exp"}, "softplus"), ({"ge", "select_n", "mul"}, "leaky_relu"),
+    ({"expm1"}, "elu"), ({"log1p", "tanh", "mul"}, "mish"), ({"log1p", "exp"}, "softplus"),
+    ({"ge", "select_n", "mul"}, "leaky_relu"),
     ({"gt", "select_n", "mul"}, "leaky_relu"), ({"convert_element_type"}, "step"),
     ({"select_n"}, "step"), ({"sign"}, "step"), ({"tanh"}, "tanh"), ({"logistic"}, "sigmoid"),
     ({"max"}, "relu"),

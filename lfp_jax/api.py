@@ -11,6 +11,16 @@ summed over the batch, where ``s`` is the normalised reward reaching its layer. 
 strengthens a parameter, so ``θ ← θ + η·F`` (``lfp_grad`` returns ``-F`` for optax minimisers). For ReLU
 networks with the softmax-loss reward and ε → 0 the feedback equals ``-|θ| ⊙ ∇_θ Σ_batch CE``
 (Theorem 1 of the paper).
+
+A parameter used through a computation of parameters only, ``W = h(θ)`` (weight normalisation, a
+``softplus``/``exp`` reparameterisation, a tied ``Wᵀ``), receives its feedback by the chain rule from
+``θ`` to its uses:
+
+.. math::  F_\theta = |\theta| \odot \sum_{\text{uses}} (\partial h / \partial \theta)^\top c_W,
+
+with ``c_W = J_Wᵀ s`` the normalised reward at the use; ``F_θ = |θ| ⊙ J_θᵀ s`` then holds with the
+Jacobian of the whole map from ``θ`` to the layer output, and Theorem 1 carries over to reparameterised
+ReLU networks. :func:`describe` lists such parameters.
 """
 
 from __future__ import annotations

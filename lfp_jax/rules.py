@@ -223,10 +223,12 @@ class WinnerTakeAll(Rule):
     two input-dependent values (``max`` sites: maxout ``max(x A, x B)``, a spiking residual
     ``max(x, x_skip)``), ``R_a = R_y`` where ``a > b`` and ``R_b = R_y`` where ``b > a``; where
     ``a = b`` each operand receives ``R_y / 2`` (JAX's convention for the derivative of ``max``),
-    so reward is conserved. In the normalised form this is ``c_a = c_y · [a > b] + c_y/2 · [a = b]``. Non-overlapping pooling (window = stride, no padding or dilation; the usual
-    2x2/2 pool) is evaluated on CPU as a reshape and a reduction, forward and backward, with the same
-    values and routing: XLA's CPU ``reduce_window`` and its VJP ``select_and_scatter_add`` are several
-    times slower than that (benchmarks/lenet_cpu.py).
+    so reward is conserved. In the normalised form this is ``c_a = c_y · [a > b] + c_y/2 · [a = b]``.
+
+    Non-overlapping pooling (window = stride, no padding or dilation; the usual 2x2/2 pool) is
+    evaluated on CPU as a reshape and a reduction, forward and backward, with the same values and
+    routing: XLA's CPU ``reduce_window`` and its VJP ``select_and_scatter_add`` are several times
+    slower than that (benchmarks/lenet_cpu.py).
     """
 
     kinds: ClassVar[frozenset[str]] = frozenset({"max_pool", "max"})

@@ -454,5 +454,5 @@ def iter_sites(plan: Plan, depth: int = 0) -> Iterable[tuple[int, Site]]:
                 yield from iter_sites(s, depth + 1)
 
 
-__all__ = ["Site", "Plan", "Context", "analyse", "problems", "register_primitive", "iter_sites", "output_taint", "Lit",
-           "STRUCTURAL", "ROUTING", "MIXING", "ELEMENTWISE", "NO_REWARD"]
+__all__ = ["Site", "Plan", "Context", "analyse", "problems", "register_primitive", "iter_sites",
+           "output_taint", "Lit", "STRUCTURAL", "ROUTING", "MIXING", "ELEMENTWISE", "NO_REWARD"]
