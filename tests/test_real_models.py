@@ -33,6 +33,20 @@ def _close(got, want, rtol=1e-6):
         assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
 
 
+def _theorem1_in_mode(mode, fun, params, x, y, *constants, **kw):
+    """Theorem 1 for ``fun(params, x, *constants)``: eagerly, under jit, or per example under vmap."""
+    g = lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, composite=EPS,
+                                       reward_argnums=(2 + len(constants),), **kw)
+    if mode == "vmap":
+        per = jax.jit(jax.vmap(lambda xi, yi: g(params, xi[None], *constants, yi[None])[1]))(x, y)
+        want = jax.vmap(lambda xi, yi: theorem1_expected(fun, params, xi[None], *constants,
+                                                         labels=yi[None]))(x, y)
+        _close(per, want)
+        return
+    fb = (jax.jit(g) if mode == "jit" else g)(params, x, *constants, y)[1]
+    _close(fb, theorem1_expected(fun, params, x, *constants, labels=y))
+
+
 # -- a ResNet as in Flax's examples: zero-initialised last scale of every residual block ----------
 
 
@@ -130,17 +144,7 @@ def test_resnet_train_mode_with_batch_stats_argument_satisfies_theorem_1(mode):
 def test_resnet_eval_mode_with_batch_stats_argument_satisfies_theorem_1(mode):
     params, stats, x, y = _resnet()
     params = jax.tree.map(lambda a: a + 0.1, params)
-    stats = _nonzero_stats(stats)
-    g = lfp_jax.lfp_value_and_feedback(_eval, rewards.softmax_loss, composite=EPS, input_argnums=(1,),
-                                       reward_argnums=(3,))
-    if mode == "vmap":
-        per = jax.jit(jax.vmap(lambda xi, yi: g(params, xi[None], stats, yi[None])[1]))(x, y)
-        want = jax.vmap(lambda xi, yi: theorem1_expected(_eval, params, xi[None], stats,
-                                                         labels=yi[None]))(x, y)
-        _close(per, want)
-        return
-    fb = (jax.jit(g) if mode == "jit" else g)(params, x, stats, y)[1]
-    _close(fb, theorem1_expected(_eval, params, x, stats, labels=y))
+    _theorem1_in_mode(mode, _eval, params, x, y, _nonzero_stats(stats), input_argnums=(1,))
 
 
 def test_resnet_train_mode_per_group_under_vmap():
@@ -264,16 +268,7 @@ def _nnx_setup():
 @pytest.mark.parametrize("mode", ["eager", "jit", "vmap"])
 def test_nnx_cnn_in_eval_mode_with_its_state_as_an_argument_satisfies_theorem_1(mode):
     fun, params, rest, x, y = _nnx_setup()
-    g = lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, composite=EPS, input_argnums=(1,),
-                                       reward_argnums=(3,))
-    if mode == "vmap":
-        per = jax.jit(jax.vmap(lambda xi, yi: g(params, xi[None], rest, yi[None])[1]))(x, y)
-        want = jax.vmap(lambda xi, yi: theorem1_expected(fun, params, xi[None], rest,
-                                                         labels=yi[None]))(x, y)
-        _close(per, want)
-        return
-    fb = (jax.jit(g) if mode == "jit" else g)(params, x, rest, y)[1]
-    _close(fb, theorem1_expected(fun, params, x, rest, labels=y))
+    _theorem1_in_mode(mode, fun, params, x, y, rest, input_argnums=(1,))
 
 
 def test_nnx_sites_carry_attribute_paths():
@@ -328,15 +323,7 @@ def _batched(static):
 def test_equinox_models_satisfy_theorem_1(name, mode):
     model, x = _eqx_models()[name]
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    fun, y = _batched(static), jnp.array([0, 1, 2, 0, 1, 2])
-    g = lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, composite=EPS, reward_argnums=(2,))
-    if mode == "vmap":
-        per = jax.jit(jax.vmap(lambda xi, yi: g(params, xi[None], yi[None])[1]))(x, y)
-        want = jax.vmap(lambda xi, yi: theorem1_expected(fun, params, xi[None], labels=yi[None]))(x, y)
-        _close(per, want)
-        return
-    fb = (jax.jit(g) if mode == "jit" else g)(params, x, y)[1]
-    _close(fb, theorem1_expected(fun, params, x, labels=y))
+    _theorem1_in_mode(mode, _batched(static), params, x, jnp.array([0, 1, 2, 0, 1, 2]))
 
 
 def test_an_equinox_module_can_be_passed_whole():
