@@ -170,9 +170,11 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, context) -> None:
         return
     src = [flow.sources.get(a, 0) if isinstance(a, int) else 0 for a in node.inputs]
     origin = [flow.origin.get(a) if isinstance(a, int) else None for a in node.inputs]
+    classes = [flow.classes.get(a) if isinstance(a, int) else None for a in node.inputs]
 
     def _subplan(graph, taint, in_eps, wrap_out, skip=0):
-        return _analyse_sub(graph, taint, context, in_eps, wrap_out, src[skip:], origin[skip:])
+        return _analyse_sub(graph, taint, context, in_eps, wrap_out, src[skip:], origin[skip:],
+                            classes[skip:])
 
     if node.name in _compat.WHILE:
         raise UnsupportedControlFlowError(
@@ -222,8 +224,8 @@ _BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear",
 
 
 def _analyse_sub(graph: Graph, taint: list[bool], context: Any, in_eps: list, wrap_out: list,
-                 in_src: list, in_origin: list) -> Any:
+                 in_src: list, in_origin: list, in_class: list) -> Any:
     from lfp_jax.sites import analyse  # sites imports this module
 
     return analyse(graph, taint, output_taint(graph, taint), context, in_eps=in_eps,
-                   wrap_out=wrap_out, in_src=in_src, in_origin=in_origin)
+                   wrap_out=wrap_out, in_src=in_src, in_origin=in_origin, in_class=in_class)

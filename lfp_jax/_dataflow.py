@@ -35,15 +35,45 @@ class Taint:
         boolean steps are not among them.
       edges: per node, the positions of its inputs along which reward flows into it.
       selectors: nodes whose input-dependent integer/boolean inputs act as constant selectors.
+      unclassified: nodes that make a float from input-dependent integers/booleans in a way that is
+        neither an activation nor a selection (a comparison moved or stacked before its cast): refused.
       sub_in: per control-flow node, the input taint of each of its sub-graphs.
       sources: per input-dependent value, a bit mask of the graph inputs' ``in_src`` masks it comes from.
+      classes: per input-dependent integer/boolean value, its :class:`IndexClass`.
+      compare_selects: ``where(a > b, a, b)`` and the like: a max or min of two values.
     """
 
     tainted: set
     edges: dict
     selectors: set
+    unclassified: set
     sub_in: dict
     sources: dict
+    classes: dict
+    compare_selects: set = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexClass:
+    """How an input-dependent integer or boolean value was computed from floating-point values.
+
+    Attributes:
+      sources: the floating-point values (or opaque integer inputs of a sub-graph) it comes from.
+      pure: every path from them is elementwise with one shape (a comparison, its negation, ...):
+        converted back to float it is an activation (a Heaviside) of those values.
+      step: some path avoids index-making primitives (arg-max, counts, sort indices) but is not pure
+        (the comparison is reshaped, broadcast or stacked by a loop before it is used).
+    """
+
+    sources: frozenset
+    pure: bool
+    step: bool
+
+    def join(self, other: IndexClass) -> IndexClass:
+        return IndexClass(self.sources | other.sources, self.pure and other.pure, self.step or other.step)
+
+
+_NO_CLASS = IndexClass(frozenset(), True, False)
 
 
 def output_taint(graph: Graph, in_taint: list[bool]) -> list[bool]:
@@ -52,11 +82,21 @@ def output_taint(graph: Graph, in_taint: list[bool]) -> list[bool]:
     return [isinstance(o, int) and o in tainted and is_float(graph.aval(o)) for o in graph.outputs]
 
 
-def taint(graph: Graph, in_taint: list[bool], in_src: list[int] | None = None) -> Taint:
-    """Input-dependent values of ``graph`` and the edges reward flows along (see the module docstring)."""
+def taint(graph: Graph, in_taint: list[bool], in_src: list[int] | None = None,
+          in_class: list | None = None) -> Taint:
+    """Input-dependent values of ``graph`` and the edges reward flows along (see the module docstring).
+
+    ``in_class`` gives the :class:`IndexClass` of input-dependent integer/boolean inputs (sub-graphs);
+    without it they count as indices.
+    """
     tainted = {v for v, t in zip(graph.inputs, in_taint) if t}
     src = {v: (in_src[k] if in_src else 0) for k, v in enumerate(graph.inputs) if in_taint[k]}
-    result = Taint(tainted, {}, set(), {}, src)
+    classes = {}
+    for k, v in enumerate(graph.inputs):
+        if in_taint[k] and not is_float(graph.avals[v]):
+            given = in_class[k] if in_class else None
+            classes[v] = given if given is not None else IndexClass(frozenset({v}), False, False)
+    result = Taint(tainted, {}, set(), set(), {}, src, classes)
     frontier = _Frontier(graph, tainted)
     for i, node in enumerate(graph.nodes):
         tin = [p for p, a in enumerate(node.inputs) if isinstance(a, int) and a in tainted]
@@ -66,22 +106,102 @@ def taint(graph: Graph, in_taint: list[bool], in_src: list[int] | None = None) -
         index = [p for p in tin if p not in floats]
         mask = functools.reduce(lambda m, p: m | src.get(node.inputs[p], 0), tin, 0)
         if node.subgraphs:
-            out_t, result.sub_in[i] = _control_flow_taint(node, [p in tin for p in range(len(node.inputs))])
+            flags = [p in tin for p in range(len(node.inputs))]
+            out_t, result.sub_in[i] = _control_flow_taint(node, flags)
             result.edges[i] = tuple(floats)
-        elif not index or _elementwise_of_floats(graph, node, floats, index, frontier):
-            result.edges[i] = tuple(tin)
-            out_t = [True] * len(node.outputs)
+            out_cls = _control_flow_classes(node, result.sub_in[i], flags,
+                                            [classes.get(a) if isinstance(a, int) else None
+                                             for a in node.inputs])
         else:
-            # integer/boolean inputs select, index or mask: constants for the reward flow
-            result.selectors.add(i)
-            result.edges[i] = tuple(floats)
-            out_t = [bool(floats) or not is_float(graph.avals[o]) if o is not None else False
-                     for o in node.outputs]
-        for o, t in zip(node.outputs, out_t):
+            out_cls = None
+            decision = _decide(graph, node, floats, index, classes, frontier) if index else "reward"
+            if decision == "reward":
+                result.edges[i] = tuple(tin)
+                out_t = [True] * len(node.outputs)
+            else:
+                # integer/boolean inputs select, index or mask: constants for the reward flow
+                (result.unclassified if decision == "unclassified" else result.selectors).add(i)
+                if decision == "compare":
+                    result.compare_selects.add(i)
+                result.edges[i] = tuple(floats)
+                out_t = [bool(floats) or not is_float(graph.avals[o]) if o is not None else False
+                         for o in node.outputs]
+        for k, (o, t) in enumerate(zip(node.outputs, out_t)):
             if t and o is not None:
                 tainted.add(o)
                 src[o] = mask
+                if not is_float(graph.avals[o]):
+                    classes[o] = (out_cls[k] if out_cls is not None and out_cls[k] is not None else
+                                  _index_class(graph, node, o, floats, index, classes))
     return result
+
+
+def _shape_kept(graph: Graph, node: Node, positions: list[int], o: int) -> bool:
+    shape = graph.avals[o].shape
+    return all(graph.aval(node.inputs[p]).shape == shape for p in positions)
+
+
+_POSITIONAL_MOVES = MOVES - {"argmax", "argmin", "iota", "sort", "top_k", "convert_element_type"}
+
+
+def _index_class(graph: Graph, node: Node, o: int, floats: list, index: list, classes: dict) -> IndexClass:
+    """The :class:`IndexClass` of the integer/boolean output ``o`` of ``node``."""
+    elementwise = node.name in ELEMENTWISE and _shape_kept(graph, node, floats + index, o)
+    move = node.name in _POSITIONAL_MOVES
+    own = IndexClass(frozenset(node.inputs[p] for p in floats), elementwise, elementwise or move)
+    cls = own if floats else _NO_CLASS
+    for p in index:
+        c = classes.get(node.inputs[p], _NO_CLASS)
+        cls = cls.join(IndexClass(c.sources, c.pure and elementwise, c.step and (elementwise or move)))
+    if not floats and not index:  # pragma: no cover - tainted outputs have tainted inputs
+        return _NO_CLASS
+    return cls
+
+
+def _decide(graph: Graph, node: Node, floats: list[int], index: list[int], classes: dict,
+            frontier: _Frontier) -> str:
+    """What a node whose integer/boolean inputs are input-dependent does with them.
+
+    ``"compare"``: ``where(a > b, a, b)`` (or ``<``, ``>=``, ...), the max or min of two values;
+    ``"reward"``: it is part of an activation (an elementwise function of the values its comparisons
+    are taken of: ``(x > 0).astype(f)``, ``where(x > 0, x, a·x)``, and the comparisons themselves);
+    ``"selector"``: the integers/booleans select, index or mask as constants would (an arg-max, a
+    length, a mask computed from other values); ``"unclassified"``: a float made from a comparison
+    that was moved, stacked or combined with an index first, which lfp_jax refuses.
+    """
+    outs = [o for o in node.outputs if o is not None]
+    cls = functools.reduce(IndexClass.join, (classes.get(node.inputs[p], _NO_CLASS) for p in index))
+    makes_float = any(is_float(graph.avals[o]) for o in outs)
+    elementwise = node.name in ELEMENTWISE and _shape_kept(graph, node, floats + index, outs[0])
+    if not makes_float:  # integer/boolean from integer/boolean: part of a chain, decided at its end
+        return "reward" if elementwise and cls.pure else "selector"
+    if node.name not in ELEMENTWISE:  # gather, dynamic_slice, scatter, sort of floats by an index
+        return "selector"
+    if floats and _compares_its_cases(node, floats, index, frontier):
+        return "compare"  # where(a > b, a, b): the max of two values
+    if floats:  # where(mask, a, b) of input-dependent a, b
+        same = _frontier_of(frontier, cls.sources) == _frontier_of(frontier, [node.inputs[p] for p in floats])
+        if not same:
+            return "selector"  # a mask computed from other values
+        return "reward" if elementwise else "unclassified"  # selecting by a comparison of the values
+    if cls.pure and elementwise:
+        return "reward"  # a Heaviside written as a comparison cast back to float
+    return "unclassified" if cls.step else "selector"
+
+
+def _compares_its_cases(node: Node, floats: list[int], index: list[int], frontier: _Frontier) -> bool:
+    if node.name != "select_n" or index != [0] or len(floats) != 2:
+        return False
+    cmp = frontier.producer.get(node.inputs[0])
+    if cmp is None or cmp.name not in ("gt", "ge", "lt", "le"):
+        return False
+    cases = {node.inputs[p] for p in floats}
+    return all(isinstance(a, int) for a in cmp.inputs) and set(cmp.inputs) == cases and len(cases) == 2
+
+
+def _frontier_of(frontier: _Frontier, values) -> frozenset:
+    return frozenset().union(*(frontier.of(v) if v in frontier.tainted else frozenset({v})
+                               for v in values))
 
 
 class _Frontier:
@@ -128,27 +248,6 @@ class _Frontier:
         return ins
 
 
-def _elementwise_of_floats(graph: Graph, node: Node, floats: list[int], index: list[int],
-                           frontier: _Frontier) -> bool:
-    """Whether a node whose integer/boolean inputs are input-dependent is part of an activation: an
-    elementwise function of the same floating-point values its comparisons are taken of."""
-    if node.name not in ELEMENTWISE:
-        return False
-    shape = next(graph.avals[o].shape for o in node.outputs if o is not None)
-    if any(graph.aval(node.inputs[p]).shape != shape for p in floats + index):
-        return False
-    from_index = frozenset().union(*(frontier.of(node.inputs[p]) for p in index))
-    if not all(is_float(graph.aval(u)) for u in from_index):
-        return False  # the comparison is of an index, a length, ... : a selector
-    if not floats:
-        return True
-    return frontier_of_all(frontier, [node.inputs[p] for p in floats]) == from_index
-
-
-def frontier_of_all(frontier: _Frontier, values: list[int]) -> frozenset:
-    return frozenset().union(*(frontier.of(v) for v in values))
-
-
 def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
     name = node.name
     if name in _compat.SCAN:
@@ -183,6 +282,32 @@ def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
         f"custom_vjp, scan, cond, while without input-dependent carries, remat). Move it out of the "
         f"model or apply it outside the function given to lfp_jax."
     )
+
+
+def _control_flow_classes(node: Node, sub_in: dict, tin: list[bool], in_classes: list) -> list:
+    """Per output of a control-flow node: the :class:`IndexClass` of an integer/boolean output (a
+    comparison crossing the boundary is no longer *pure*: a site cannot reach into the body), else
+    ``None``."""
+    name = node.name
+    if name in _compat.SCAN or name in _compat.REMAT:
+        pairs = [(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_classes)]
+    elif name in _compat.COND:
+        pairs = [(b, sub_in["branches"], in_classes[1:]) for b in node.subgraphs["branches"]]
+    elif name in _compat.WHILE:
+        nc = _compat.while_layout(node.params)[0]
+        pairs = [(node.subgraphs["body_jaxpr"], tin[nc:], in_classes[nc:])]
+    else:  # pragma: no cover - other higher-order primitives are refused by _control_flow_taint
+        return [None] * len(node.outputs)
+    found: list = [None] * len(node.outputs)
+    for graph, flags, given in pairs:
+        t = taint(graph, flags, in_class=given)
+        outs = graph.outputs[-len(node.outputs):] if name in _compat.WHILE else graph.outputs
+        for k, o in enumerate(outs[:len(node.outputs)]):
+            c = t.classes.get(o) if isinstance(o, int) else None
+            if c is not None:
+                c = IndexClass(c.sources, False, c.step or c.pure)
+                found[k] = c if found[k] is None else found[k].join(c)
+    return found
 
 
 def _all_output_taint(graph: Graph, in_taint: list[bool]) -> list[bool]:
@@ -222,11 +347,12 @@ class DataFlow:
     """Facts about one graph that the site finder needs."""
 
     def __init__(self, graph: Graph, in_taint: list[bool], out_relevant: list[bool],
-                 in_src: list[int] | None = None):
+                 in_src: list[int] | None = None, in_class: list | None = None):
         self.g = graph
-        t = taint(graph, in_taint, in_src)
+        t = taint(graph, in_taint, in_src, in_class)
         self.tainted, self.edges, self.selectors = t.tainted, t.edges, t.selectors
-        self.sub_in, self.sources = t.sub_in, t.sources
+        self.sub_in, self.sources, self.classes = t.sub_in, t.sources, t.classes
+        self.unclassified, self.compare_selects = t.unclassified, t.compare_selects
         self.producer = {o: i for i, n in enumerate(graph.nodes) for o in n.outputs if o is not None}
         self.uses: dict[int, set[int]] = {}
         for i, n in enumerate(graph.nodes):

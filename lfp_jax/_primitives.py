@@ -65,6 +65,8 @@ def category(flow, i: int) -> str:
     if node.subgraphs:
         return "control"
     if name == "select_n":
+        if i in flow.compare_selects:
+            return "select"  # where(a > b, a, b)
         return "nonlinear" if 0 in rin else "structural"
     if name == "convert_element_type":
         ok = is_float(flow.g.aval(node.inputs[0])) and is_float(flow.g.avals[node.outputs[0]])

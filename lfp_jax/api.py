@@ -78,10 +78,10 @@ def _input_argnums(input_argnums, n: int, argnums: tuple[int, ...]) -> tuple[int
 
 
 def _is_array(leaf: Any) -> bool:
-    """Leaves that are traced: arrays and numbers. Anything else (an equinox module's activation
-    function, a string) is a static part of the model and is closed over."""
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)) or hasattr(
-        leaf, "__jax_array__")
+    """Leaves that are traced: arrays (JAX, NumPy). Anything else (an equinox module's activation
+    function, a pooling layer's Python ``-inf``, a dropout flag) is a static part of the model and is
+    closed over, as ``equinox.filter_jit`` does."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or hasattr(leaf, "__jax_array__")
 
 
 def _path_name(path) -> str:
@@ -221,7 +221,8 @@ def lfp_vjp(
         plain jnp code.
       *primals: its arguments. Floating-point leaves of input arguments (see ``input_argnums``) are
         the inputs reward flows back to; integer leaves (labels, PRNG keys) are constants. Leaves that
-        are not arrays (an equinox module's activation function) are static parts of ``fun``.
+        are not arrays (Python numbers, an equinox module's activation function) are static parts
+        of ``fun`` and get ``None``.
       composite: which rule at which site; see :mod:`lfp_jax.composites`.
       argnums: position(s) of the argument(s) holding the parameters.
       input_argnums: position(s) of the argument(s) holding the model inputs, which carry reward.
@@ -320,6 +321,13 @@ _HINTS = {
         "a gate such as an LSTM's σ(·) ⊙ tanh(·)). AttnLRP's product rule is not implemented yet. To "
         "accept the plain gradient at products, say so: "
         "composite.with_rules((Match(kind='bilinear'), rules.Gradient()))."),
+    "bool_to_float": (
+        "a float made from a comparison (or another boolean or integer) of input-dependent values that "
+        "was reshaped, broadcast, stacked by a loop or combined with an index before its conversion. "
+        "A comparison converted to float is a step activation only where the conversion follows the "
+        "comparison: convert where you compare ((h > 0).astype(h.dtype), inside a scan body before "
+        "the values are stacked), apply boolean masks with jnp.where, or use lfp_jax.nn.lif_step for "
+        "spiking neurons."),
     "nonlinear": (
         "input-dependent values combined in a way no rule covers: neither an activation of one value, "
         "a normalisation, a softmax, a product of two values nor a max of two values. A Gradient rule "
@@ -341,8 +349,9 @@ def _problem_report(t: _Traced, missing: list) -> str:
         if "only applies" in (site.problem or ""):  # a rule the composite chose for the wrong kind
             hint = site.problem
         else:
-            hint = _HINTS.get(site.kind, site.problem or "").format(label=site.label)
-        hint = hint + _argument_hint(t, site)
+            hint = _HINTS.get(site.label, _HINTS.get(site.kind, site.problem or "")).format(
+                label=site.label)
+        hint = hint + site.hint + _argument_hint(t, site)
         hints.setdefault(hint, []).append(n)
     for hint, ns in hints.items():
         kind = missing[ns[0]].kind
@@ -432,8 +441,8 @@ _FROZEN_ADVICE = {
     "layer": "Flax initialises biases to zero: params = lfp_jax.nn.torch_init(key, params) gives "
              "kernels and biases PyTorch's U(±1/√fan_in), as in the reference",
     "scale": "a normalisation scale of zero silences its layer (Flax's ResNets start every residual "
-             "block's last scale at zero): lfp_jax.nn.torch_init sets normalisation scales to 1, "
-             "PyTorch's default",
+             "block's last scale at zero): lfp_jax.nn.torch_init sets all-zero normalisation scales "
+             "to 1, PyTorch's default",
     "offset": "normalisation offsets start at 0 in PyTorch and Flax alike, so they stay frozen under "
               "LFP, as in the reference; lfp_jax.nn.torch_init keeps them",
     "other": "give them non-zero initial values (lfp_jax.nn.torch_init covers only Flax kernels and "

@@ -82,6 +82,7 @@ class Site:
         the primitive's inputs and where ``(output, *extras)`` sit among its outputs.
       rule: the rule chosen by the composite (``None`` if there is none; ``problem`` says why).
       sources: per reward-carrying operand, the model arguments it depends on (a bit mask).
+      hint: what the analysis noticed about a site without a rule (for the error message).
     """
 
     kind: str
@@ -105,6 +106,7 @@ class Site:
     reparameterized: tuple[tuple[str, tuple[str, ...]], ...] = ()
     problem: str | None = None
     sources: tuple[int, ...] = ()
+    hint: str = ""
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,7 +135,8 @@ class Context:
 
 def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], composite: Any, *,
             in_eps: list | None = None, wrap_out: list | None = None, in_src: list | None = None,
-            in_origin: list | None = None, leaf_paths: Sequence[str] = ()) -> Plan:
+            in_origin: list | None = None, in_class: list | None = None,
+            leaf_paths: Sequence[str] = ()) -> Plan:
     """Find the sites of ``graph`` and resolve their rules.
 
     A site the composite has no rule for keeps ``rule=None`` and says why in ``Site.problem``; the
@@ -150,13 +153,15 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
       in_src: per input, a bit mask of the model arguments it comes from (for error messages).
       in_origin: per input, ``(parameter leaves, primitives)`` for values computed from parameters
         only, else ``None``; ``leaf_paths`` names the leaves.
+      in_class: per input, the :class:`~lfp_jax._dataflow.IndexClass` of an input-dependent integer
+        or boolean input (sub-graphs).
     """
     context = composite if isinstance(composite, Context) else Context(composite, tuple(leaf_paths))
     n_in, n_out = len(graph.inputs), len(graph.outputs)
     return _Analysis(graph, in_taint, out_relevant, context,
                      list(in_eps) if in_eps is not None else [None] * n_in,
                      list(wrap_out) if wrap_out is not None else [False] * n_out,
-                     in_src, in_origin if in_origin is not None else [None] * n_in).run()
+                     in_src, in_origin if in_origin is not None else [None] * n_in, in_class).run()
 
 
 def problems(plan: Plan) -> list[Site]:
@@ -172,8 +177,9 @@ def _position(atoms: tuple, atom: Any) -> int:
 
 class _Analysis(DataFlow):
     def __init__(self, graph: Graph, in_taint, out_relevant, context, in_eps, wrap_out, in_src,
-                 in_origin):
-        super().__init__(graph, in_taint, out_relevant, in_src)
+                 in_origin, in_class):
+        super().__init__(graph, in_taint, out_relevant, in_src, in_class)
+        self.rewarded_outputs = {o for o, r in zip(graph.outputs, out_relevant) if r and isinstance(o, int)}
         self.context, self.composite = context, context.composite
         self.in_eps, self.wrap_out = in_eps, wrap_out
         self.origin = param_origins(graph, in_origin, self.tainted)
@@ -181,7 +187,25 @@ class _Analysis(DataFlow):
     def run(self) -> Plan:
         cats = {i: category(self, i) for i in self.rel_nodes if self._tin(i)}
         region_of, singles = find_regions(self, cats)
+        for i in self.unclassified:
+            if self._feeds_rewarded_output(i):
+                cats[i] = "unclassified"
+                singles[i] = ("nonlinear", "bool_to_float")
         return self._build_plan(cats, region_of, singles)
+
+    def _feeds_rewarded_output(self, i: int) -> bool:
+        """Whether node ``i``'s outputs reach a rewarded output or a value that carries reward."""
+        stack, seen = list(self.g.nodes[i].outputs), set()
+        while stack:
+            v = stack.pop()
+            if v is None or v in seen:
+                continue
+            seen.add(v)
+            if v in self.relevant or v in self.rewarded_outputs:
+                return True
+            for j in self.uses.get(v, ()):
+                stack.extend(self.g.nodes[j].outputs)
+        return False
 
     def _build_plan(self, cats, region_of, singles) -> Plan:
         g = self.g
@@ -204,6 +228,14 @@ class _Analysis(DataFlow):
             sites.append(site)
             for r in site.nodes:
                 site_of_node[r] = site
+        for site in sites:
+            if site.kind == "bilinear" and any(
+                    site_of_node.get(self.producer.get(a)) is not None
+                    and site_of_node[self.producer[a]].label == "step" for a in site.operands
+                    if isinstance(a, int)):
+                site.hint = (" One of its operands is a step (a comparison cast to float) of an "
+                             "input-dependent value; if it is a mask, apply the boolean with "
+                             "jnp.where(mask, x, 0), a constant selector (or count with integers).")
         plan = Plan(g, self.tainted, sites, site_of_node, {}, set(), set(), {}, {})
         plan.schedule = self._schedule(site_of_node)
         self._site_of_node = site_of_node
@@ -324,7 +356,8 @@ class _Analysis(DataFlow):
             }.get(name, ("sum", "sum") if name in ("add", "sub", "add_any") else ("pool", name))
             return self._make_site(kind, label, [i], None, None)
         if cat == "select":
-            return self._make_site("max", "maximum" if name == "max" else "minimum", [i], None, None)
+            label = {"max": "maximum", "min": "minimum"}.get(name, "where_max")
+            return self._make_site("max", label, [i], None, None)
         if cat == "routing":
             return self._make_site("max_pool", name.replace("reduce_window_", "") + "_pool"
                                    if "window" in name else name, [i], None, None)

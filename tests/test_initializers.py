@@ -58,3 +58,14 @@ def test_torch_init_on_nnx_state_leaves_no_zero_bias():
 def test_check_params_names_zero_arrays():
     with pytest.raises(lfp_jax.errors.FrozenParameterError, match="Dense_0"):
         lfp_jax.check_params({"Dense_0": {"bias": jnp.zeros(3), "kernel": jnp.ones((2, 3))}})
+
+
+def test_torch_init_sets_zero_normalisation_scales_to_one_and_keeps_the_others():
+    """Flax's ResNets start the last BatchNorm scale of a residual block at zero (frozen under LFP)."""
+    params = {"bn_last": {"scale": jnp.zeros(4), "bias": jnp.zeros(4)},
+              "ln": {"scale": jnp.full((4,), 0.5)}, "temperature": {"scale": jnp.zeros(())}}
+    new = torch_init(jax.random.key(0), params)
+    np.testing.assert_array_equal(new["bn_last"]["scale"], 1.0)
+    np.testing.assert_array_equal(new["bn_last"]["bias"], 0.0)   # offsets stay 0, as in PyTorch
+    np.testing.assert_array_equal(new["ln"]["scale"], 0.5)       # a deliberate scale is kept
+    np.testing.assert_array_equal(new["temperature"]["scale"], 0.0)  # not a normalisation scale

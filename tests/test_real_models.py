@@ -107,7 +107,7 @@ def test_resnet_zero_scales_are_named_and_torch_init_gives_every_branch_feedback
         _, fb = g(params, x, stats, y)
     message = str(record[0].message)
     assert "['ResidualBlock_0']['BatchNorm_1']['scale']" in message
-    assert "torch_init sets normalisation scales to 1" in message
+    assert "torch_init sets all-zero normalisation scales to 1" in message
     grads = jax.jit(jax.grad(lambda p: rewards.softmax_loss(_train(p, x, stats)[0], y).sum()))(params)
 
     def silent(fb):  # leaves with a non-zero gradient but no feedback at all
@@ -335,6 +335,22 @@ def test_an_equinox_module_can_be_passed_whole():
                                            composite=EPS, reward_argnums=(2,))(model, x, y)[1]
     assert whole.activation is None and whole.layers[0].weight.shape == (8, 5)
     _close(eqx.filter(whole, eqx.is_array), theorem1_expected(_batched(static), params, x, labels=y))
+
+
+def test_an_equinox_module_with_pooling_and_dropout_can_be_passed_whole():
+    """MaxPool2d's Python ``-inf`` and Dropout's ``p`` and ``inference`` flag are static, not traced."""
+    k = jax.random.split(jax.random.key(4), 2)
+    model = eqx.nn.Sequential([
+        eqx.nn.Conv2d(1, 4, 3, key=k[0]), eqx.nn.Lambda(jax.nn.relu), eqx.nn.MaxPool2d(2, 2),
+        eqx.nn.Dropout(0.5, inference=True), eqx.nn.Lambda(lambda h: h.reshape(-1)),
+        eqx.nn.Linear(36, 3, key=k[1])])
+    x, y = _eqx_models()["cnn"][1], jnp.array([0, 1, 2, 0, 1, 2])
+    whole = lfp_jax.lfp_value_and_feedback(lambda m, x: jax.vmap(m)(x), rewards.softmax_loss,
+                                           composite=EPS, reward_argnums=(2,))
+    fb = jax.jit(lambda x, y: whole(model, x, y)[1])(x, y)
+    assert fb.layers[3].p is None and fb.layers[3].inference is None
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    _close(eqx.filter(fb, eqx.is_array), theorem1_expected(_batched(static), params, x, labels=y))
 
 
 def test_equinox_sites_carry_field_paths():

@@ -89,6 +89,49 @@ def test_heaviside_written_as_a_comparison_is_still_an_activation():
     np.testing.assert_allclose(fb["w1"], np.abs(P["w1"]) * (x.T @ (r_step / z)), rtol=1e-9)
 
 
+@pytest.mark.parametrize("pattern", ["reshaped", "stacked_by_scan", "combined_with_an_index"])
+def test_a_comparison_that_is_moved_before_its_cast_is_refused_not_detached(pattern):
+    """Converted to float right away a comparison is a step activation; moved, stacked or combined
+    with an index first it is neither an activation nor a selection the engine can tell: refused."""
+
+    def step(p, x):
+        h = x @ p["w1"] + p["b1"]
+        if pattern == "reshaped":
+            return (h > 0).reshape(6, 7, 1).reshape(6, 7).astype(x.dtype)
+        if pattern == "combined_with_an_index":
+            return ((h > 0) & (jnp.arange(7) < jnp.argmax(x, -1)[:, None])).astype(x.dtype)
+        _, spikes = jax.lax.scan(lambda c, _: (c, h > c), jnp.zeros_like(h), None, length=2)
+        return spikes.astype(x.dtype).sum(0)
+
+    x, y = _data()
+    fun = lambda p, x: step(p, x) @ p["w2"] + x @ p["w1"] @ p["w2"]  # noqa: E731
+    with pytest.raises(lfp_jax.errors.NoRuleError, match="bool_to_float") as info:
+        lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,))(P, x, y)
+    assert "convert where you compare" in str(info.value)
+
+
+def test_an_activation_written_with_jnp_select_is_refused_not_given_the_gradient():
+    """jnp.select picks by an arg-max over stacked comparisons of the value it selects from."""
+
+    def fun(p, x):
+        h = x @ p["w1"] + p["b1"]
+        return jnp.select([h < -1, h > 1], [-jnp.ones_like(h), jnp.ones_like(h)], h) @ p["w2"]
+
+    x, y = _data()
+    with pytest.raises(lfp_jax.errors.NoRuleError, match="nonlinear"):
+        lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,))(P, x, y)
+
+
+def test_a_float_mask_of_another_value_is_a_product_and_the_error_says_how_to_mask():
+    def fun(p, x):
+        return (x @ p["w1"]) * (x @ p["a"][:5] > 0).astype(x.dtype) @ p["w2"]
+
+    x, y = _data()
+    with pytest.raises(lfp_jax.errors.NoRuleError, match="bilinear") as info:
+        lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,))(P, x, y)
+    assert "jnp.where(mask, x, 0)" in str(info.value)
+
+
 def test_one_hot_of_an_argmax_in_a_scan_carry_is_a_constant_input_of_the_next_step():
     """A greedy decoder feeding one_hot(argmax(logits)) back (Flax's seq2seq decoder pattern)."""
     p = _params(3, {"w": (5, 6), "e": (4, 6), "v": (6, 4)})
@@ -151,6 +194,19 @@ def test_maxout_is_a_max_site_and_satisfies_theorem_1():
     assert re.search(r"\n2\s+max\s+maximum\s+WinnerTakeAll\(\)", lfp_jax.describe(fun, p, x))
     assert_theorem1(fun, p, x, labels=y, rtol=1e-6)
     assert_theorem1(lambda p, x: jnp.minimum(x @ p["a"], x @ p["b"]) @ p["w2"], p, x, labels=y, rtol=1e-6)
+
+
+def test_maxout_written_with_where_is_a_max_site():
+    p = _params(5, {"a": (5, 7), "b": (5, 7), "w2": (7, 4)})
+
+    def fun(p, x):
+        u, v = x @ p["a"], x @ p["b"]
+        return jnp.where(u > v, u, v) @ p["w2"]
+
+    x, y = _data()
+    kinds = [(s.kind, s.label) for s in lfp_jax.find_sites(fun, p, x)]
+    assert kinds == [("linear", "dense"), ("linear", "dense"), ("max", "where_max"), ("linear", "dense")]
+    assert_theorem1(fun, p, x, labels=y, rtol=1e-6)
 
 
 def test_max_of_two_values_gives_the_winner_all_reward_and_splits_ties():

@@ -64,9 +64,10 @@ def torch_init(key: jax.Array, params: Any) -> Any:
 
     * a leaf named ``kernel`` with at least two dimensions (Flax's Dense and Conv) gets
       ``U(±1/√fan_in)``, and a ``bias`` leaf next to it ``U(±1/√fan_in)`` with the same fan-in;
-    * normalisation scales, leaves named ``scale`` (Flax) or one-dimensional leaves named ``weight``
-      (equinox's LayerNorm, GroupNorm, BatchNorm, RMSNorm), are set to 1, PyTorch's default (a
-      zero-initialised scale would freeze its whole residual branch under LFP);
+    * normalisation scales that are entirely zero, one-dimensional leaves named ``scale`` (Flax) or
+      ``weight`` (equinox's LayerNorm, GroupNorm, BatchNorm, RMSNorm), are set to 1, PyTorch's
+      default (Flax's ResNets start the last scale of every residual block at zero, which would
+      freeze the whole branch under LFP); other scales are kept;
     * everything else is kept: normalisation offsets (0, as in PyTorch), embeddings, and equinox's
       ``Linear``/``Conv`` weights and biases, which equinox already draws from ``U(±1/√fan_in)``.
     """
@@ -76,34 +77,39 @@ def torch_init(key: jax.Array, params: Any) -> Any:
     for name, (_, leaf) in zip(names, leaves):
         if name and name[-1] == "kernel" and jnp.ndim(leaf) >= 2:
             fan_in[name[:-1]] = _fan_in(jnp.shape(leaf))
-    specs = []  # (leaf index, shape, dtype, bound or None for ones)
+    specs, scales = [], []  # (leaf index, shape, dtype, bound); leaf indices of normalisation scales
     for k, (name, (_, leaf)) in enumerate(zip(names, leaves)):
         if name and name[-1] in ("kernel", "bias") and name[:-1] in fan_in:
             specs.append((k, jnp.shape(leaf), jnp.result_type(leaf), 1.0 / math.sqrt(fan_in[name[:-1]])))
         elif is_norm_scale(name, leaf):
-            specs.append((k, jnp.shape(leaf), jnp.result_type(leaf), None))
+            scales.append(k)
     keys = jax.random.split(key, max(len(leaves), 1))
-    new = _draw(tuple(keys[k] for k, *_ in specs), tuple(spec[1:] for spec in specs))
+    drawn, ones = _draw(tuple(keys[k] for k, *_ in specs), tuple(spec[1:] for spec in specs),
+                        [leaves[k][1] for k in scales])
     out = [leaf for _, leaf in leaves]
-    for (k, *_), value in zip(specs, new):
+    for (k, *_), value in zip(specs, drawn):
+        out[k] = value
+    for k, value in zip(scales, ones):
         out[k] = value
     return jtu.tree_unflatten(treedef, out)
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _draw(keys: tuple, specs: tuple) -> list:
-    """All new leaves in one compiled call (eager draws compile one small program per leaf shape)."""
-    return [jnp.ones(shape, dtype) if bound is None else
-            jax.random.uniform(key, shape, dtype, -bound, bound)
-            for key, (shape, dtype, bound) in zip(keys, specs)]
+def _draw(keys: tuple, specs: tuple, scales: list) -> tuple[list, list]:
+    """New kernels and biases, and the scales with all-zero ones set to 1, in one compiled call (eager
+    draws would compile one small program per leaf shape)."""
+    drawn = [jax.random.uniform(key, shape, dtype, -bound, bound)
+             for key, (shape, dtype, bound) in zip(keys, specs)]
+    ones = [jnp.where(jnp.all(scale == 0), jnp.ones_like(scale), scale) for scale in scales]
+    return drawn, ones
 
 
 def is_norm_scale(name: tuple[str, ...], leaf: Any) -> bool:
-    """Whether a leaf at key names ``name`` is a normalisation scale (Flax ``scale``, equinox 1-D
-    ``weight``)."""
+    """Whether a leaf at key names ``name`` is a normalisation scale (a 1-D Flax ``scale`` or
+    equinox ``weight``)."""
     if not name or not hasattr(leaf, "shape"):
         return False
-    return name[-1] == "scale" or (name[-1] == "weight" and jnp.ndim(leaf) == 1)
+    return name[-1] in ("scale", "weight") and jnp.ndim(leaf) == 1
 
 
 def _leaf_name(path) -> tuple[str, ...]:
