@@ -168,3 +168,37 @@ def test_frozen_check_works_on_parameters_captured_by_a_jitted_function():
 
     with pytest.warns(errors.FrozenParameterWarning):
         frozen(x)
+
+
+def test_every_site_without_a_rule_is_reported_at_once_with_its_own_hint():
+    def fun(p, x):
+        h = jax.lax.bessel_i1e(x @ p["w"])                 # an unknown primitive
+        a = jax.nn.softmax(h, axis=-1)                      # a softmax inside the model
+        return (a * (x @ p["w"] + p["b"])) @ jnp.eye(2)     # a product of two input-dependent values
+
+    with pytest.raises(errors.NoRuleError) as info:
+        _feedback(fun)
+    lines = str(info.value).splitlines()
+    assert "3 sites" in lines[0]
+    rows = [line.split()[:2] for line in lines[2:] if line[:1].isdigit()]  # wrapped cells start blank
+    assert rows == [["0", "unknown"], ["1", "softmax"], ["2", "bilinear"]]
+    hints = {line.split(":")[0]: line for line in lines if line.startswith("site ")}
+    assert set(hints) == {"site 0 (unknown)", "site 1 (softmax)", "site 2 (bilinear)"}
+    assert "register_primitive('bessel_i1e'" in hints["site 0 (unknown)"]
+    assert "AttnLRP" not in hints["site 0 (unknown)"]
+    assert "AttnLRP's softmax rule" in hints["site 1 (softmax)"]
+    assert "AttnLRP's product rule" in hints["site 2 (bilinear)"]
+    table = lfp_jax.describe(fun, P, X)
+    assert table.count("-- none --") == 3 and "3 without a rule" in table
+
+
+def test_a_rule_chosen_for_the_wrong_kind_is_reported_with_the_others():
+    composite = lfp_jax.lfp_epsilon().with_rules((Match(kind="activation"), rules.WinnerTakeAll()))
+
+    def fun(p, x):
+        return jnp.tanh(x @ p["w"]) * (x @ p["w"])
+
+    with pytest.raises(errors.NoRuleError) as info:
+        _feedback(fun, composite=composite)
+    msg = str(info.value)
+    assert "2 sites" in msg and "only applies to ['max', 'max_pool']" in msg and "AttnLRP's product" in msg
