@@ -12,6 +12,7 @@ from lfp_jax.api import (
     lfp_value_and_feedback,
     lfp_value_and_grad,
     lfp_vjp,
+    lrp,
 )
 from lfp_jax.composites import Composite, Match, lfp_epsilon
 from lfp_jax.errors import LFPError
@@ -32,6 +33,7 @@ __all__ = [
     "lfp_value_and_feedback",
     "lfp_value_and_grad",
     "lfp_vjp",
+    "lrp",
     "nn",
     "rewards",
     "rules",

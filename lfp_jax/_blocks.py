@@ -220,7 +220,8 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, context) -> None:
             eps[o] = e
 
 
-_BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear", "nonlinear")
+_BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear", "quotient",
+                "nonlinear")
 
 
 def _analyse_sub(graph: Graph, taint: list[bool], context: Any, in_eps: list, wrap_out: list,

@@ -55,12 +55,16 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
             if wider is None:
                 break
             grown = wider
+        if kind == "softmax":
+            x = _include_max_shift(flow, region, x)
         if kind in ("activation", "normalization", "softmax"):
             info = (x, region, y, kind, label)
             for r in region:
                 region_of[r] = info
-        elif g.nodes[i].name in ("mul", "div", "dot_general", "conv_general_dilated"):
+        elif g.nodes[i].name in ("mul", "dot_general", "conv_general_dilated"):
             singles[i] = ("bilinear", g.nodes[i].name)
+        elif g.nodes[i].name == "div":
+            singles[i] = ("quotient", "div")
         elif grown is not None:
             info = (x, region, y, kind, label)
             for r in region:
@@ -68,6 +72,43 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
         else:
             singles[i] = ("nonlinear", g.nodes[i].name)
     return region_of, singles
+
+
+def _include_max_shift(flow, region: set[int], x: int) -> int:
+    """``jax.nn.softmax`` computes ``exp(x − stop_gradient(max x))``: take the subtraction into the
+    site, so that its input (where the ε of the block producing the scores is applied) is the raw
+    scores. Returns the new region input."""
+    g = flow.g
+    p = flow.producer.get(x)
+    if p is None or g.nodes[p].name != "sub" or len(flow._tin(p)) != 1:
+        return x
+    scores, shift = g.nodes[p].inputs
+    q = flow.producer.get(shift) if isinstance(shift, int) else None
+    while q is not None and g.nodes[q].name in ("broadcast_in_dim", "reshape", "transpose", "expand_dims"):
+        a = g.nodes[q].inputs[0]
+        q = flow.producer.get(a) if isinstance(a, int) else None
+    if q is None or g.nodes[q].name != "stop_gradient" or flow._tin(p) != [scores]:
+        return x
+    region.add(p)
+    return scores
+
+
+def product_chains(flow, singles: dict) -> dict:
+    """Elementwise products of products (``a * b * c``) as one site: node -> the chain it ends or
+    belongs to. A product whose result only feeds the next product of the chain is part of it."""
+    chain_of: dict[int, list[int]] = {}
+    for i in sorted(singles):
+        if singles[i] != ("bilinear", "mul"):
+            continue
+        chain = [i]
+        for a in flow._tin(i):
+            p = flow.producer.get(a)
+            if (p in chain_of and singles.get(p) == ("bilinear", "mul") and a not in flow.out_vars
+                    and flow.consumers.get(a) == [i] and len(flow.uses.get(a, ())) == 1):
+                chain = chain_of[p] + chain
+        for r in chain:
+            chain_of[r] = chain
+    return {r: tuple(sorted(c)) for r, c in chain_of.items() if len(c) > 1}
 
 
 def grow(flow, region: set[int]) -> tuple[int, set[int], int] | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -52,9 +53,9 @@ from lfp_jax.rules import ABSOLUTE, safe_divide, stabilize
 Array = jax.Array
 
 
-def _argnums_tuple(argnums: int | Sequence[int], n: int) -> tuple[int, ...]:
+def _argnums_tuple(argnums: int | Sequence[int], n: int, allow_empty: bool = False) -> tuple[int, ...]:
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if not nums:
+    if not nums and not allow_empty:
         raise ValueError("argnums must name at least one argument holding parameters")
     for k in nums:
         if not isinstance(k, int) or not -n <= k < n:
@@ -106,7 +107,7 @@ class _Traced:
                  positions=None, strict=True):
         if not callable(fun):
             raise TypeError(f"fun must be callable, got {type(fun).__name__}")
-        self.argnums = _argnums_tuple(argnums, len(primals))
+        self.argnums = _argnums_tuple(argnums, len(primals), allow_empty=input_argnums is not None)
         self.input_argnums = _input_argnums(input_argnums, len(primals), self.argnums)
         self.positions = list(positions) if positions is not None else list(range(len(primals)))
         all_leaves, self.in_tree = jtu.tree_flatten(primals)
@@ -305,22 +306,40 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
     return outputs, feedback_fn
 
 
+_OPAQUE_ATTENTION = re.compile(r"cudnn|flash|fused|dot_product_attention|custom_call|mosaic|triton",
+                               re.IGNORECASE)
+
 _HINTS = {
+    "opaque_attention": (
+        "`{label}` is an attention implementation the engine cannot see into (a fused kernel), so "
+        "its softmax and products cannot get their rules. Use the XLA implementation: "
+        "jax.nn.dot_product_attention(..., implementation='xla'), or Flax's attention modules, which "
+        "are written in jnp."),
     "unknown": (
         "lfp_jax has no feedback rule for the primitive `{label}`. If it acts elementwise, moves "
         "values, is linear in its input or selects one input per output, declare it with "
         "lfp_jax.sites.register_primitive({label!r}, 'elementwise' | 'structural' | 'mixing' | "
         "'routing')."),
     "softmax": (
-        "a softmax (or log-softmax / log-sum-exp) of input-dependent values inside the model. AttnLRP's "
-        "softmax rule (transformers) is not implemented yet. A softmax at the output belongs in the "
-        "reward: return the logits. To accept the plain gradient here, say so: "
-        "composite.with_rules((Match(kind='softmax'), rules.Gradient()))."),
+        "a softmax of input-dependent values inside the model, and this composite has no rule for it. "
+        "The presets give it AttnLRP's rule: composite.with_rules((Match(kind='softmax', "
+        "label='softmax'), rules.SoftmaxTaylor()))."),
+    "logsumexp": (
+        "a log-softmax or log-sum-exp of input-dependent values inside the model: no LRP rule is "
+        "defined for it (AttnLRP's is for the softmax). A log-softmax at the output belongs in the "
+        "reward: return the logits; inside the model, use jax.nn.softmax. To accept the plain gradient "
+        "here, say so: composite.with_rules((Match(label='logsumexp'), rules.Gradient()))."),
     "bilinear": (
-        "a product of two input-dependent values (attention scores q·kᵀ, attention weights · values, "
-        "a gate such as an LSTM's σ(·) ⊙ tanh(·)). AttnLRP's product rule is not implemented yet. To "
-        "accept the plain gradient at products, say so: "
-        "composite.with_rules((Match(kind='bilinear'), rules.Gradient()))."),
+        "a product of input-dependent values (attention scores q·kᵀ, attention weights · values, a "
+        "gate such as an LSTM's σ(·) ⊙ tanh(·)), and this composite has no rule for it. The presets "
+        "give products AttnLRP's uniform rule: composite.with_rules((Match(kind='bilinear'), "
+        "rules.UniformProduct()))."),
+    "quotient": (
+        "a quotient of two input-dependent values (a normalisation written by hand, a ratio): no LRP "
+        "rule splits reward between a numerator and a denominator. A normalisation by a reduced "
+        "standard deviation or norm (sqrt/rsqrt of a sum) is recognised as one; otherwise hold the "
+        "denominator constant with jax.lax.stop_gradient, or opt in to the plain gradient: "
+        "composite.with_rules((Match(kind='quotient'), rules.Gradient()))."),
     "bool_to_float": (
         "a float made from a comparison (or another boolean or integer) of input-dependent values that "
         "was reshaped, broadcast, stacked by a loop or combined with an index before its conversion. "
@@ -330,7 +349,7 @@ _HINTS = {
         "spiking neurons."),
     "nonlinear": (
         "input-dependent values combined in a way no rule covers: neither an activation of one value, "
-        "a normalisation, a softmax, a product of two values nor a max of two values. A Gradient rule "
+        "a normalisation, a softmax, a product of values nor a max of two values. A Gradient rule "
         "(Match(kind='nonlinear')) would give the whole region the plain gradient, every layer among "
         "its primitives included; rewriting the computation is usually better."),
 }
@@ -348,6 +367,8 @@ def _problem_report(t: _Traced, missing: list) -> str:
     for n, site in enumerate(missing):
         if "only applies" in (site.problem or ""):  # a rule the composite chose for the wrong kind
             hint = site.problem
+        elif site.kind == "unknown" and _OPAQUE_ATTENTION.search(site.label):
+            hint = _HINTS["opaque_attention"].format(label=site.label)
         else:
             hint = _HINTS.get(site.label, _HINTS.get(site.kind, site.problem or "")).format(
                 label=site.label)
@@ -582,6 +603,61 @@ def lfp_grad(fun: Callable, reward_fn: Callable, **kwargs: Any) -> Callable:
         return (neg_feedback, value[1]) if has_aux else neg_feedback
 
     return g
+
+
+def lrp(fun: Callable, composite: Composite | None = None, *,
+        argnums: int | Sequence[int] = 1) -> Callable:
+    r"""LRP explanations: ``g(*args, target=...) -> (outputs, relevance)``, one backward pass.
+
+    The relevance of the inputs ``args[argnums]`` for the output relevance ``target`` under the rules
+    of ``composite`` (default :func:`~lfp_jax.composites.attn_lrp`): ``R_x = x ⊙ c_x``, with ``c``
+    carried back from ``c_z = target / (z + ε·sign(z))`` at the outputs ``z``. Every other argument is
+    a constant (parameters included: no feedback is computed); ``fun`` may close over its parameters.
+    Works under ``jit`` and ``vmap``.
+
+    Args:
+      fun: the model.
+      composite: which rule at which site.
+      argnums: position(s) of the argument(s) to explain (default 1: ``fun(params, x)``).
+
+    Returns:
+      ``g``; ``g(*args, target=t)`` returns ``(outputs, relevance)`` with ``relevance`` of the structure
+      of ``args[argnums]`` (a tuple for several). ``target`` is either integer class labels, one per
+      sample (output relevance ``one_hot(label) ⊙ outputs``, so that under a conservative composite
+      ``Σ relevance ≈`` the class logit), or the output relevance itself, shaped like the outputs.
+
+    Example::
+
+        explain = lfp_jax.lrp(lambda p, x: model.apply({"params": p}, x))
+        logits, heatmap = jax.jit(explain)(params, images, target=labels)
+    """
+    from lfp_jax.composites import attn_lrp
+
+    composite = attn_lrp() if composite is None else composite
+    single = isinstance(argnums, int)
+    nums = (argnums,) if single else tuple(argnums)
+
+    def g(*args, target):
+        inputs = _input_argnums(nums, len(args), ())
+        outputs, relevance_fn = _lfp_vjp(fun, args, composite, (), inputs, False, True, None)
+        per_arg = relevance_fn(_output_relevance(outputs, target))
+        relevance = tuple(per_arg[k] for k in inputs)
+        return outputs, relevance[0] if single else relevance
+
+    return g
+
+
+def _output_relevance(outputs: Any, target: Any) -> Any:
+    """The output relevance of ``lrp``: ``one_hot(labels) ⊙ outputs`` for integer labels, else ``target``."""
+    if isinstance(outputs, jax.Array) and jnp.issubdtype(jnp.result_type(target), jnp.integer):
+        labels = jnp.asarray(target)
+        if labels.shape != outputs.shape[:-1]:
+            raise RewardError(
+                f"integer targets are class labels, one per output row: expected shape "
+                f"{outputs.shape[:-1]} for outputs of shape {outputs.shape}, got {labels.shape}. Pass "
+                f"the output relevance itself (an array shaped like the outputs) for anything else.")
+        return jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype) * outputs
+    return target
 
 
 def find_sites(fun: Callable, *args: Any, composite: Composite | None = None,

@@ -90,14 +90,18 @@ class Composite:
 
 
 def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Composite:
-    """The reference LFP-ε composite (lfprop's ``LFPEpsilonComposite``).
+    """The reference LFP-ε composite (lfprop's ``LFPEpsilonComposite``), with AttnLRP's rules where the
+    reference has none.
 
     Dense/Conv (with bias), residual sums, average pooling, means and normalisations (one block, exact
     Jacobian, batch statistics included) use :class:`~lfp_jax.rules.Epsilon`; every activation uses
     :class:`~lfp_jax.rules.Identity`; max pooling and the elementwise max/min of two input-dependent
     values (maxout) :class:`~lfp_jax.rules.WinnerTakeAll`; dropout
     :class:`~lfp_jax.rules.Dropout` (``dropout_rescale=False`` conserves reward instead); LIF neurons
-    :class:`~lfp_jax.rules.SpikingEpsilon`.
+    :class:`~lfp_jax.rules.SpikingEpsilon`. Transformers and gated recurrent cells train with no opt-in:
+    softmax sites get AttnLRP's :class:`~lfp_jax.rules.SoftmaxTaylor` and products of input-dependent
+    values (``q·kᵀ``, attention · values, gates) AttnLRP's :class:`~lfp_jax.rules.UniformProduct` with
+    the same ε. (The reference's ViT gives these sites the plain gradient: :func:`reference_vit`.)
 
     Args:
       epsilon: ε of every ε rule; 1e-6 in the reference (1.0 for its transformers).
@@ -115,6 +119,60 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
             (Match(kind="max"), R.WinnerTakeAll()),
             (Match(kind="dropout"), R.Dropout(rescale=dropout_rescale)),
             (Match(kind="spiking"), R.SpikingEpsilon(epsilon)),
+            (Match(kind="softmax", label="softmax"), R.SoftmaxTaylor()),
+            (Match(kind="bilinear"), R.UniformProduct(epsilon)),
         ),
         name=f"lfp_epsilon(epsilon={epsilon:g})",
     )
+
+
+def attn_lrp(epsilon: float = 1e-6) -> Composite:
+    r"""AttnLRP (Achtibat et al., ICML 2024) for explanations, as LXT applies it.
+
+    Linear layers, residual sums and means: :class:`~lfp_jax.rules.Epsilon`; LayerNorm and RMSNorm
+    (any normalisation): :class:`~lfp_jax.rules.ConstantStd` (``1/σ`` held constant, then the ε rule;
+    for RMSNorm the identity up to ε); activations (GELU, SiLU, ...):
+    :class:`~lfp_jax.rules.Identity`; softmax: :class:`~lfp_jax.rules.SoftmaxTaylor`; matrix
+    products of two input-dependent values (``q·kᵀ``, attention · values):
+    :class:`~lfp_jax.rules.UniformProduct` with ε; elementwise products (gates):
+    ``UniformProduct(None)``, the reward split equally with no stabiliser; max pooling and maxout:
+    :class:`~lfp_jax.rules.WinnerTakeAll`; dropout conserves reward. LXT's stabiliser is a plain
+    ``+ε``; lfp_jax's is ``ε·sign(z)``: the two agree for small ε.
+
+    Args:
+      epsilon: ε of every ε rule (LXT uses 1e-6 to 1e-8).
+    """
+    eps = R.Epsilon(epsilon)
+    return Composite(
+        entries=(
+            (Match(kind="linear"), eps),
+            (Match(kind="sum"), eps),
+            (Match(kind="pool"), eps),
+            (Match(kind="normalization"), R.ConstantStd(epsilon)),
+            (Match(kind="activation"), R.Identity()),
+            (Match(kind="max_pool"), R.WinnerTakeAll()),
+            (Match(kind="max"), R.WinnerTakeAll()),
+            (Match(kind="dropout"), R.Dropout(rescale=False)),
+            (Match(kind="spiking"), R.SpikingEpsilon(epsilon)),
+            (Match(kind="softmax", label="softmax"), R.SoftmaxTaylor()),
+            (Match(kind="bilinear"), R.UniformProduct(epsilon)),
+            (Match(kind="bilinear", label="mul"), R.UniformProduct(None)),
+        ),
+        name=f"attn_lrp(epsilon={epsilon:g})",
+    )
+
+
+def reference_vit(epsilon: float = 1.0) -> Composite:
+    """The reference implementation's ViT behaviour, for comparison: LFP-ε with ε = 1 on linear layers
+    and LayerNorms, identity on activations, and the plain gradient at softmax sites, products and
+    residual sums, where the reference meant AttnLRP's rules but they are not applied.
+
+    Args:
+      epsilon: ε of the ε rules (the reference's ViT uses 1.0).
+    """
+    base = lfp_epsilon(epsilon)
+    grad = R.Gradient()
+    return dataclasses.replace(
+        base.with_rules((Match(kind="softmax"), grad), (Match(kind="bilinear"), grad),
+                        (Match(kind="sum"), grad)),
+        name=f"reference_vit(epsilon={epsilon:g})")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jex
 
 from lfp_jax import _compat
@@ -65,19 +66,25 @@ def _wrapped_operands(plan: Plan, site: Site) -> list[bool]:
 def _site_call(plan: Plan, site: Site) -> SiteCall:
     g = plan.graph
 
-    def fn(*operands):
-        env = {}
-        for atom, value in zip(site.operands, operands):
-            env[atom if isinstance(atom, int) else id(atom)] = value
-        for r in site.nodes:
-            node = g.nodes[r]
-            ins = [env[a] if isinstance(a, int) else env.get(id(a), a.value) for a in node.inputs]
-            for var, val in zip(node.outputs, _bind(node, ins, None)):
-                if var is not None:
-                    env[var] = val
-        return tuple(env[v] for v in (site.output,) + site.extras)
+    def detached(names: frozenset = frozenset()):
+        def fn(*operands):
+            env = {}
+            for atom, value in zip(site.operands, operands):
+                env[atom if isinstance(atom, int) else id(atom)] = value
+            for r in site.nodes:
+                node = g.nodes[r]
+                ins = [env[a] if isinstance(a, int) else env.get(id(a), a.value) for a in node.inputs]
+                outs = _bind(node, ins, None)
+                if node.name in names:
+                    outs = [jax.lax.stop_gradient(o) for o in outs]
+                for var, val in zip(node.outputs, outs):
+                    if var is not None:
+                        env[var] = val
+            return tuple(env[v] for v in (site.output,) + site.extras)
 
-    return SiteCall(site, fn, site.carries_reward, site.input_epsilon)
+        return fn
+
+    return SiteCall(site, detached(), site.carries_reward, site.input_epsilon, detached)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -93,7 +100,10 @@ def _boundary_fwd(value, epsilon):
 def _boundary_bwd(epsilon, value, ct):
     if epsilon is ABSOLUTE:  # a spiking output: its producer takes the reward itself, R = y ⊙ c
         return (ct * value,)
-    return (ct * value / stabilize(value, epsilon),)
+    # masked attention scores are -inf: they hold no reward (and y / stab(y) would be NaN there)
+    finite = jnp.isfinite(value)
+    safe = jnp.where(finite, value, 1)
+    return (jnp.where(finite, ct * safe / stabilize(safe, epsilon), 0),)
 
 
 _boundary.defvjp(_boundary_fwd, _boundary_bwd)

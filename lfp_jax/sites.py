@@ -52,7 +52,7 @@ from lfp_jax._primitives import (
     category,
     register_primitive,
 )
-from lfp_jax._regions import find_regions
+from lfp_jax._regions import find_regions, product_chains
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,8 +62,8 @@ class Site:
     Attributes:
       kind: ``linear``, ``sum``, ``pool``, ``max_pool``, ``max`` (elementwise max/min of two
         input-dependent values), ``activation``, ``normalization``, ``softmax``, ``dropout``,
-        ``spiking``, ``bilinear``, ``nonlinear`` or ``unknown`` (the last three have no rule in the
-        presets).
+        ``spiking``, ``bilinear`` (a product of input-dependent values), ``quotient``,
+        ``nonlinear`` or ``unknown`` (the last three have no rule in the presets).
       label: what it computes (``dense``, ``conv``, ``relu``, ``silu``, ``batch_norm``, ...).
       nodes: indices of its primitives in the graph, in order.
       operands: its external inputs (graph values or constants), reward-carrying ones first.
@@ -83,6 +83,7 @@ class Site:
       rule: the rule chosen by the composite (``None`` if there is none; ``problem`` says why).
       sources: per reward-carrying operand, the model arguments it depends on (a bit mask).
       hint: what the analysis noticed about a site without a rule (for the error message).
+      factors: for a product site, how many input-dependent factors it multiplies (with repeats).
     """
 
     kind: str
@@ -107,6 +108,7 @@ class Site:
     problem: str | None = None
     sources: tuple[int, ...] = ()
     hint: str = ""
+    factors: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -187,6 +189,7 @@ class _Analysis(DataFlow):
     def run(self) -> Plan:
         cats = {i: category(self, i) for i in self.rel_nodes if self._tin(i)}
         region_of, singles = find_regions(self, cats)
+        self._chains = product_chains(self, singles)
         for i in self.unclassified:
             if self._feeds_rewarded_output(i):
                 cats[i] = "unclassified"
@@ -219,6 +222,11 @@ class _Analysis(DataFlow):
                     continue
                 seen_regions.add(id(region))
                 site = self._make_site(kind, label, sorted(region), [x], y)
+            elif i in self._chains:
+                chain = self._chains[i]
+                if i != chain[-1]:
+                    continue
+                site = self._make_site(*singles[i], list(chain), None, None)
             elif i in singles:
                 site = self._make_site(*singles[i], [i], None, None)
             else:
@@ -229,6 +237,8 @@ class _Analysis(DataFlow):
             for r in site.nodes:
                 site_of_node[r] = site
         for site in sites:
+            if site.kind == "bilinear":
+                site.factors = self._factors(site)
             if site.kind == "bilinear" and any(
                     site_of_node.get(self.producer.get(a)) is not None
                     and site_of_node[self.producer[a]].label == "step" for a in site.operands
@@ -242,6 +252,12 @@ class _Analysis(DataFlow):
         self._attach_parameters(plan, cats)
         place_stabilizers(self, plan, cats, self.context, self.in_eps, self.wrap_out)
         return plan
+
+    def _factors(self, site: Site) -> int:
+        """Input-dependent factors of a product site, counted with repeats (``a * a * b``: 3)."""
+        inside = {o for r in site.nodes for o in self.g.nodes[r].outputs}
+        return sum(1 for r in site.nodes for p in self.edges.get(r, ())
+                   if self.g.nodes[r].inputs[p] not in inside) or 2
 
     # -- parameters and module paths --------------------------------------------------------------
 

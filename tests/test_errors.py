@@ -96,26 +96,47 @@ def test_all_zero_parameters_are_reported_by_path():
     assert jnp.all(fb["b"] == 0)
 
 
-def test_product_of_two_inputs_has_no_default_rule():
+# the presets without AttnLRP's rules: what a composite that lacks them says
+NO_ATTENTION = lfp_jax.Composite(tuple(e for e in lfp_jax.lfp_epsilon().entries
+                                       if e[0].kind not in ("softmax", "bilinear")), "no attention rules")
+
+
+def test_a_composite_without_a_product_rule_refuses_products_and_names_the_rule():
     def fun(p, x):
         q, k = x @ p["w"], x @ p["w"] + p["b"]
         return jnp.einsum("bi,bj->bij", q, k).sum(-1)   # attention-like q·kᵀ
 
     with pytest.raises(errors.NoRuleError, match="0  bilinear  dot_general") as info:
-        _feedback(fun)
-    assert "AttnLRP's product rule" in str(info.value)
+        _feedback(fun, composite=NO_ATTENTION)
+    assert "rules.UniformProduct()" in str(info.value)
 
 
-def test_softmax_inside_the_model_has_no_default_rule():
+def test_a_composite_without_a_softmax_rule_refuses_softmax_and_names_the_rule():
     with pytest.raises(errors.NoRuleError, match="0  softmax  softmax") as info:
-        _feedback(lambda p, x: jax.nn.softmax(x @ p["w"] + p["b"]) @ jnp.eye(2))
-    assert "return the logits" in str(info.value)
+        _feedback(lambda p, x: jax.nn.softmax(x @ p["w"] + p["b"]) @ jnp.eye(2), composite=NO_ATTENTION)
+    assert "rules.SoftmaxTaylor()" in str(info.value)
 
 
 def test_explicit_gradient_rule_unlocks_a_site():
-    composite = lfp_jax.lfp_epsilon().with_rules((Match(kind="softmax"), rules.Gradient()))
+    composite = NO_ATTENTION.with_rules((Match(kind="softmax"), rules.Gradient()))
     _, fb = _feedback(lambda p, x: jax.nn.softmax(x @ p["w"] + p["b"]) @ jnp.eye(2), composite=composite)
     assert jnp.all(jnp.isfinite(fb["w"]))
+
+
+def test_a_quotient_of_two_input_dependent_values_is_refused():
+    with pytest.raises(errors.NoRuleError, match="0  quotient  div") as info:
+        _feedback(lambda p, x: (x @ p["w"]) / (x @ p["w"] + 3.0))
+    assert "stop_gradient" in str(info.value)
+
+
+def test_an_attention_kernel_the_engine_cannot_see_into_says_which_implementation_to_use():
+    from jax.extend.core import Primitive
+
+    fused = Primitive("cudnn_dot_product_attention")   # as a fused GPU kernel appears in a jaxpr
+    fused.def_abstract_eval(lambda q: q)
+    fused.def_impl(lambda q: q)
+    with pytest.raises(errors.NoRuleError, match="implementation='xla'"):
+        _feedback(lambda p, x: fused.bind(x @ p["w"]))
 
 
 def test_rule_for_the_wrong_site_kind_is_refused():
@@ -177,7 +198,7 @@ def test_every_site_without_a_rule_is_reported_at_once_with_its_own_hint():
         return (a * (x @ p["w"] + p["b"])) @ jnp.eye(2)     # a product of two input-dependent values
 
     with pytest.raises(errors.NoRuleError) as info:
-        _feedback(fun)
+        _feedback(fun, composite=NO_ATTENTION)
     lines = str(info.value).splitlines()
     assert "3 sites" in lines[0]
     rows = [line.split()[:2] for line in lines[2:] if line[:1].isdigit()]  # wrapped cells start blank
@@ -186,14 +207,14 @@ def test_every_site_without_a_rule_is_reported_at_once_with_its_own_hint():
     assert set(hints) == {"site 0 (unknown)", "site 1 (softmax)", "site 2 (bilinear)"}
     assert "register_primitive('bessel_i1e'" in hints["site 0 (unknown)"]
     assert "AttnLRP" not in hints["site 0 (unknown)"]
-    assert "AttnLRP's softmax rule" in hints["site 1 (softmax)"]
-    assert "AttnLRP's product rule" in hints["site 2 (bilinear)"]
-    table = lfp_jax.describe(fun, P, X)
+    assert "rules.SoftmaxTaylor()" in hints["site 1 (softmax)"]
+    assert "rules.UniformProduct()" in hints["site 2 (bilinear)"]
+    table = lfp_jax.describe(fun, P, X, composite=NO_ATTENTION)
     assert table.count("-- none --") == 3 and "3 without a rule" in table
 
 
 def test_a_rule_chosen_for_the_wrong_kind_is_reported_with_the_others():
-    composite = lfp_jax.lfp_epsilon().with_rules((Match(kind="activation"), rules.WinnerTakeAll()))
+    composite = NO_ATTENTION.with_rules((Match(kind="activation"), rules.WinnerTakeAll()))
 
     def fun(p, x):
         return jnp.tanh(x @ p["w"]) * (x @ p["w"])
@@ -201,4 +222,4 @@ def test_a_rule_chosen_for_the_wrong_kind_is_reported_with_the_others():
     with pytest.raises(errors.NoRuleError) as info:
         _feedback(fun, composite=composite)
     msg = str(info.value)
-    assert "2 sites" in msg and "only applies to ['max', 'max_pool']" in msg and "AttnLRP's product" in msg
+    assert "2 sites" in msg and "only applies to ['max', 'max_pool']" in msg and "UniformProduct" in msg

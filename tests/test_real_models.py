@@ -198,10 +198,10 @@ def _lstm_data():
     return lfp_jax.nn.torch_init(jax.random.key(7), params), x, lengths, jnp.array([0, 1, 2, 1])
 
 
-# LSTM gates are products of two input-dependent values: until AttnLRP's product rule lands they need
-# an explicit choice; everything else (lengths, masks, scan, Dense layers) needs none. ε = 1e-12: a scan
-# treats its zero initial carry as input-dependent at the first step too (an ε-sized difference).
-GATES = lfp_jax.lfp_epsilon(1e-12).with_rules((Match(kind="bilinear"), rules.Gradient()))
+# LSTM gates are products of input-dependent values: the default composite gives them AttnLRP's uniform
+# rule. ε = 1e-12: a scan treats its zero initial carry as input-dependent at the first step too (an
+# ε-sized difference from the hand-written loop, whose first step multiplies constants).
+GATES = lfp_jax.lfp_epsilon(1e-12)
 
 
 @pytest.mark.parametrize("mode", ["eager", "jit"])

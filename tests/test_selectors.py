@@ -122,13 +122,18 @@ def test_an_activation_written_with_jnp_select_is_refused_not_given_the_gradient
         lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,))(P, x, y)
 
 
-def test_a_float_mask_of_another_value_is_a_product_and_the_error_says_how_to_mask():
+def test_a_float_mask_of_another_value_is_a_product_and_without_its_rule_the_error_says_how_to_mask():
     def fun(p, x):
         return (x @ p["w1"]) * (x @ p["a"][:5] > 0).astype(x.dtype) @ p["w2"]
 
     x, y = _data()
+    kinds = [(s.kind, s.label) for s in lfp_jax.find_sites(fun, P, x)]
+    assert ("bilinear", "mul") in kinds and ("activation", "step") in kinds
+    no_products = lfp_jax.Composite(tuple(e for e in lfp_jax.lfp_epsilon().entries
+                                          if e[0].kind != "bilinear"))
     with pytest.raises(lfp_jax.errors.NoRuleError, match="bilinear") as info:
-        lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,))(P, x, y)
+        lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,),
+                                       composite=no_products)(P, x, y)
     assert "jnp.where(mask, x, 0)" in str(info.value)
 
 

@@ -145,7 +145,7 @@ def test_mish_is_labelled_mish():
 
 def test_describe_rows_of_a_transformer_stay_readable():
     """Long module paths and primitive lists wrap inside their columns (no row past 160 characters);
-    the attention's softmax and products are listed without a rule, with the reason below."""
+    the attention's softmax and products get AttnLRP's rules."""
 
     class Block(nn.Module):
         @nn.compact
@@ -169,7 +169,7 @@ def test_describe_rows_of_a_transformer_stay_readable():
     lines = table.splitlines()
     assert max(len(line) for line in lines) <= 160, max(lines, key=len)
     assert "feed_forward_output_projection" in table.replace("\n", "").replace(" ", "")
-    assert "without a rule" in table and "softmax" in table
+    assert "SoftmaxTaylor()" in table and "UniformProduct(1e-06)" in table and "without a rule" not in table
 
 
 def test_sites_inside_flax_rnn_cells_point_at_the_users_line():

@@ -1,0 +1,124 @@
+"""The rule protocol: :class:`Rule`, :class:`SiteCall`, :func:`with_backward`, and the stabiliser."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def stabilize(z: Array, epsilon: float) -> Array:
+    r"""The ε stabiliser ``z + ε·sign(z)`` with ``sign(0) = +1`` (so it is never zero for ε > 0)."""
+    return z + jnp.where(z >= 0, epsilon, -epsilon).astype(z.dtype)
+
+
+class _Absolute:
+    """The marker :data:`ABSOLUTE`."""
+
+    def __repr__(self) -> str:
+        return "ABSOLUTE"
+
+    def __reduce__(self):
+        return "ABSOLUTE"
+
+
+ABSOLUTE = _Absolute()
+"""``output_epsilon`` of a rule whose output takes reward as is, ``R``, not normalised by its value.
+
+Spikes are 0 or 1, so the normalised form ``c = R / y`` cannot hold reward on a silent neuron; a
+spiking rule's output therefore receives ``R`` itself: at a model output the seed is the reward, and
+where the spikes enter another layer the engine converts that layer's ``c`` to ``R = y ⊙ c``.
+"""
+
+
+def safe_divide(a: Array, z: Array) -> Array:
+    """``a / z`` where ``z != 0`` and 0 where ``z == 0`` (no NaN or overflow in any dtype).
+
+    Converting a reward ``R`` back to the normalised form ``c = R / x`` at a value that is exactly 0
+    loses that reward (``R = x ⊙ c`` is 0 there whatever ``c`` is); this keeps the loss finite.
+    """
+    nonzero = z != 0
+    return jnp.where(nonzero, a / jnp.where(nonzero, z, 1), 0).astype(jnp.result_type(a, z))
+
+
+class SiteCall(NamedTuple):
+    """What a rule sees of the site it is applied to.
+
+    Attributes:
+      site: the :class:`lfp_jax.sites.Site` (kind, label, source line, ...).
+      fn: evaluates the site: ``fn(*operands) -> tuple`` of outputs; the first output carries reward,
+        any further outputs are side values used elsewhere (e.g. batch statistics kept for later).
+      carries_reward: per operand, whether reward flows into it (input-dependent floating point).
+      input_epsilon: ε of the block whose output feeds the site and is stabilised there (activation
+        rules); ``None`` when the input is no pending block output (a model input, an activation
+        output, or a value already stabilised), so the rule must not stabilise it again.
+      detached: ``detached(names)`` is a function like ``fn`` in which the outputs of the site's
+        primitives named in ``names`` are constants for differentiation (``stop_gradient``), e.g.
+        ``{"rsqrt", "sqrt"}`` for a normalisation with ``1/σ`` held constant.
+    """
+
+    site: Any
+    fn: Callable[..., tuple]
+    carries_reward: tuple[bool, ...]
+    input_epsilon: float | None
+    detached: Callable[[frozenset[str]], Callable[..., tuple]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Base class of all rules: the exact VJP of the site, no stabiliser.
+
+    Subclasses override :meth:`__call__` (and usually wrap ``call.fn`` in a ``jax.custom_vjp``) and
+    :attr:`output_epsilon`.
+    """
+
+    kinds: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def output_epsilon(self) -> float | None:
+        """ε of the stabiliser the engine applies at the output of the block this rule owns."""
+        return None
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        return call.fn(*operands)
+
+
+def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable, *,
+                  recompute: bool = False) -> tuple:
+    """Evaluate a site with a custom backward pass: the building block of site-local rules.
+
+    ``backward(operands, outputs, ct)`` receives the site's operands and outputs (saved from the
+    forward pass) and the normalised reward ``c_y`` at its first output, and returns one cotangent
+    per operand in the normalised form (``R = value ⊙ c``). For reward-carrying operands this is
+    ``c_x``; for parameter operands (weights) it is ``c_W`` with feedback ``|W| ⊙ c_W``; ``None``
+    means zero (and is required for integer operands). Anything the rule needs (modified forward
+    passes, state such as a membrane potential) is computed inside ``backward`` from saved values.
+    With ``recompute=True`` only the operands are kept for the backward pass and the outputs are
+    evaluated again there (cheap elementwise sites: one stored array and one memory pass less).
+    """
+
+    @jax.custom_vjp
+    def site(*ops):
+        return tuple(call.fn(*ops))
+
+    def fwd(*ops):
+        outs = tuple(call.fn(*ops))
+        return outs, (ops, None if recompute else outs)
+
+    def bwd(res, cts):
+        ops, outs = res
+        if recompute:
+            outs = tuple(call.fn(*ops))
+        grads = backward(ops, outs, cts[0])
+        return tuple(
+            g if (g is not None and jnp.issubdtype(jnp.result_type(op), jnp.inexact)) else None
+            for g, op in zip(grads, ops)
+        )
+
+    site.defvjp(fwd, bwd)
+    return site(*operands)

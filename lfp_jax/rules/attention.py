@@ -1,0 +1,131 @@
+r"""AttnLRP rules (Achtibat et al., *AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
+Transformers*, ICML 2024; the PyTorch reference is LXT): softmax, products of input-dependent values,
+and normalisations with ``1/σ`` held constant.
+
+Each rule is given in the relevance form and in the engine's normalised form ``c = R / value`` (the
+engine carries ``c`` backwards, see :mod:`lfp_jax.rules`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+
+from lfp_jax.rules._base import Array, Rule, SiteCall, with_backward
+from lfp_jax.rules.core import Epsilon
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxTaylor(Rule):
+    r"""AttnLRP's softmax rule: the first-order Taylor decomposition of ``y = softmax(x)`` at ``x``.
+
+    .. math::
+
+        R_x = x \odot \big(R_y - y \odot \textstyle\sum_j R_{y,j}\big)
+        \qquad\Longleftrightarrow\qquad
+        c_x = y \odot \big(c_y - \textstyle\sum_j y_j\, c_{y,j}\big),
+
+    the sums along the softmax axis. ``x`` are the raw scores: ``jax.nn.softmax`` first subtracts a
+    stop-gradient maximum, and the site includes that shift, so the rule (and the ε of the block that
+    produced the scores) applies to the scores themselves. Masked scores (``-inf``) receive 0. In the
+    normalised form the rule is the plain VJP of the softmax, so it costs what a gradient costs. It
+    does not conserve reward: ``Σ R_x = Σ x ⊙ R_y − (Σ x ⊙ y)(Σ R_y)`` differs from ``Σ R_y``. No
+    stabiliser at the output (as in LXT).
+    """
+
+    kinds: ClassVar[frozenset[str]] = frozenset({"softmax"})
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        if call.site.label != "softmax":
+            raise ValueError(f"SoftmaxTaylor applies to softmax sites, not to a {call.site.label} site "
+                             f"at {call.site.source_line}")
+        return call.fn(*operands)
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformProduct(Rule):
+    r"""AttnLRP's rule for a product of ``n`` input-dependent factors (``q·kᵀ``, attention · values, a
+    gate ``silu(x W₁) ⊙ x W₃``, an LSTM's ``σ(·) ⊙ tanh(·)``): the ε rule, the reward split equally.
+
+    For ``z = f(a_1, …, a_n)`` multilinear (an elementwise product, a matrix product), with
+    ``s = R_z / (z + ε·sign(z))``:
+
+    .. math::
+
+        R_{a_i} = \tfrac{1}{n}\, a_i \odot J_{a_i}^\top s
+        \qquad\Longleftrightarrow\qquad
+        c_{a_i} = \tfrac{1}{n}\, J_{a_i}^\top c_z ,
+
+    where ``c_z`` carries the stabiliser ``z / stab(z)`` placed at the product's output. Each factor
+    alone would receive the whole reward (``Σ a_i ⊙ J_{a_i}ᵀ s = Σ R_z`` for a product that is linear
+    in each factor), so the split conserves it at ε → 0. ``n`` counts the factors of the whole site: a
+    chain of elementwise products ``a * b * c`` is one site with ``n = 3``, so the result does not
+    depend on how the expression is grouped; a factor used twice (``a * a * b``) counts twice.
+
+    Args:
+      epsilon: the stabiliser at the product's output; ``None``: none (LXT's elementwise products,
+        ``R_{a_i} = R_z / n``).
+    """
+
+    epsilon: float | None = 1e-6
+    kinds: ClassVar[frozenset[str]] = frozenset({"bilinear"})
+
+    @property
+    def output_epsilon(self) -> float | None:
+        return self.epsilon
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        site = call.site
+        if not set(site.primitives) <= {"mul", "dot_general", "conv_general_dilated"}:
+            raise ValueError(f"UniformProduct applies to products, not to {'+'.join(site.primitives)} "
+                             f"at {site.source_line}")
+        reward = [k for k, c in enumerate(call.carries_reward) if c]
+        n = site.factors or len(reward)
+
+        def backward(ops, outs, ct):
+            def product(*factors):
+                full = list(ops)
+                for k, f in zip(reward, factors):
+                    full[k] = f
+                return call.fn(*full)[0]
+
+            _, vjp = jax.vjp(product, *(ops[k] for k in reward))
+            cts = vjp(ct / n)
+            grads: list = [None] * len(ops)
+            for k, g in zip(reward, cts):
+                grads[k] = g
+            return grads
+
+        return with_backward(call, operands, backward)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantStd(Epsilon):
+    r"""AttnLRP's rule for LayerNorm and RMSNorm: the ε rule of the block with ``1/σ`` held constant.
+
+    For LayerNorm ``y = γ ⊙ (x − μ(x)) / σ + β`` the block is then the affine map
+    ``x ↦ γ ⊙ (x − μ(x)) / σ + β`` (centring included, the offset absorbs reward), and with
+    ``s = R_y / (y + ε·sign(y))``:
+
+    .. math::
+
+        R_x = x \odot J_x^\top s,\quad
+        J_x = \operatorname{diag}(γ/σ)\,(I - \tfrac{1}{d}\mathbf{1}\mathbf{1}^\top)
+        \qquad\Longleftrightarrow\qquad c_x = J_x^\top c_y .
+
+    For RMSNorm ``y = γ ⊙ x / σ`` this is the identity rule up to the stabiliser (``R_x = R_y ⊙
+    y/stab(y)``), as LXT applies it. The engine evaluates the site with ``stop_gradient`` on its
+    ``rsqrt``/``sqrt`` primitives; the forward values are unchanged. :class:`~lfp_jax.rules.Epsilon`
+    at a normalisation site differentiates through ``σ`` instead (the exact Jacobian, the reference
+    LFP's choice). Parameter feedback (``γ``, ``β``) follows the same Jacobian.
+    """
+
+    kinds: ClassVar[frozenset[str]] = frozenset({"normalization"})
+    detach: ClassVar[frozenset[str]] = frozenset({"rsqrt", "sqrt"})
+
+    def __call__(self, call: SiteCall, *operands: Array) -> tuple:
+        if call.detached is None:  # pragma: no cover - every engine site call provides it
+            raise ValueError("ConstantStd needs a site call that can hold 1/σ constant")
+        return call.detached(self.detach)(*operands)
