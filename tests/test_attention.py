@@ -280,7 +280,8 @@ def test_flax_linen_and_nnx_attention_train_with_the_default_composite():
     class Linen(nn.Module):
         @nn.compact
         def __call__(self, x):
-            h = nn.SelfAttention(num_heads=2, param_dtype=jnp.float64)(nn.LayerNorm(param_dtype=jnp.float64)(x))
+            h = nn.LayerNorm(param_dtype=jnp.float64)(x)
+            h = nn.SelfAttention(num_heads=2, param_dtype=jnp.float64)(h)
             return nn.Dense(2, param_dtype=jnp.float64)((x + h).mean(1))
 
     class Nnx(nnx.Module):

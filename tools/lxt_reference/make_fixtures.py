@@ -40,13 +40,12 @@ import math
 import os
 import sys
 
+import lxt.functional as lf  # noqa: E402
+import lxt.rules as lr  # noqa: E402
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import lxt.functional as lf  # noqa: E402
-import lxt.rules as lr  # noqa: E402
 
 EPS = 1e-6
 DTYPE = torch.float64
