@@ -16,6 +16,9 @@ name               source
                    or a directory of the standard idx files (``root``)
 ``cifar10``,       a user-supplied directory in the standard python-pickle format
 ``cifar100``       (``data_batch_1..5``/``test_batch``, or ``train``/``test``)
+``text``           character windows for language modelling: Debian package ``fortunes``
+                   (``/usr/share/games/fortunes``, 2.6 MB of English text), or a text file or directory
+                   (``root``); tokens int32 ``(N, context)``, targets the next characters
 =================  =================================================================================
 
 A missing dataset raises :class:`DatasetNotFound` with the command that installs it.
@@ -58,7 +61,7 @@ def load(name: str, *, root: str | None = None, seed: int = 0, **options) -> Dat
     """Load dataset ``name`` (see the module docstring); ``options`` go to the toy generators."""
     loaders = {
         "blobs": _toy, "circles": _toy, "swirls": _toy, "digits": _digits, "mnist": _mnist,
-        "fashion_mnist": _fashion_mnist, "cifar10": _cifar, "cifar100": _cifar,
+        "fashion_mnist": _fashion_mnist, "cifar10": _cifar, "cifar100": _cifar, "text": _text,
     }
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(loaders)}")
@@ -208,3 +211,52 @@ def _cifar(name: str, root: str | None = None, seed: int = 0) -> Dataset:
 
     (xtr, ytr), (xte, yte) = read(train_files), read(test_files)
     return Dataset(name, xtr, ytr, xte, yte, classes)
+
+
+# --- text: character-level language modelling ------------------------------------------------------
+
+FORTUNES_DIR = "/usr/share/games/fortunes"
+VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # newline and printable ASCII: 96 symbols
+
+
+def encode_text(text: str) -> np.ndarray:
+    """Character ids over :data:`VOCAB`; tabs become spaces, other characters are dropped."""
+    index = {ch: i for i, ch in enumerate(VOCAB)}
+    return np.asarray([index[ch] for ch in text.replace("\t", " ") if ch in index], np.int32)
+
+
+def decode_text(ids) -> str:
+    return "".join(VOCAB[int(i)] for i in ids)
+
+
+def _text(name: str, root: str | None = None, seed: int = 0, context: int = 64, stride: int | None = None,
+          test_fraction: float = 0.1) -> Dataset:
+    """Windows of ``context`` characters: ``x = text[i : i+T]``, ``y = text[i+1 : i+T+1]`` (next
+    characters). The last ``test_fraction`` of the text is held out. ``root``: a text file or a
+    directory of them (default: the Debian package ``fortunes``, 2.6 MB of English text in
+    ``/usr/share/games/fortunes``; its ``.dat`` index files and ``.u8`` links are skipped)."""
+    root = root or FORTUNES_DIR
+    if os.path.isdir(root):
+        files = sorted(os.path.join(root, f) for f in os.listdir(root)
+                       if not f.endswith((".dat", ".u8")) and os.path.isfile(os.path.join(root, f)))
+    elif os.path.isfile(root):
+        files = [root]
+    else:
+        raise DatasetNotFound(
+            "the text corpus is not installed. On Debian/Ubuntu: apt-get update && apt-get install "
+            "fortunes   — or pass data.root=<a text file or a directory of text files>.")
+    text = "".join(open(f, encoding="latin-1").read() for f in files)
+    ids = encode_text(text)
+    if len(ids) < 4 * (context + 1):
+        raise ValueError(f"{root} holds {len(ids)} characters, too few for windows of {context}")
+    stride = stride or context
+    cut = int(len(ids) * (1 - test_fraction))
+
+    def windows(part):
+        starts = np.arange(0, len(part) - context - 1, stride)
+        x = np.stack([part[s:s + context] for s in starts])
+        y = np.stack([part[s + 1:s + context + 1] for s in starts])
+        return x, y
+
+    (xtr, ytr), (xte, yte) = windows(ids[:cut]), windows(ids[cut:])
+    return Dataset(name, xtr, ytr, xte, yte, len(VOCAB))

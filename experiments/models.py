@@ -17,6 +17,11 @@ name                    architecture
                         time steps (default 15) in a ``lax.scan``; outputs spikes ``(T, batch, C)``
 ``snn_cnn``             LIF CNN: conv16 5x5 → LIF → max pool, conv16 5x5 → LIF → max pool, Dense C →
                         LIF, over ``steps`` time steps
+``vit``                 Vision Transformer: patches (``patch``, default 7), class token or mean pooling
+                        (``pool``), ``depth`` pre-norm blocks of ``heads``-head self-attention and a GELU
+                        MLP, width ``width`` (see :mod:`experiments.transformers`)
+``gpt``                 GPT-style causal decoder over one-hot tokens: RMSNorm, causal attention, SiLU-gated
+                        MLP, position embeddings; logits per position over ``num_classes`` = vocabulary
 ======================  ===========================================================================
 
 Spiking models (:mod:`lfp_jax.nn.spiking`): leak ``beta`` 0.9, threshold 1, reset by subtraction, a
@@ -43,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from experiments.transformers import GPT, ViT
 from lfp_jax.nn import spiking, torch_bias_init, torch_kernel_init
 
 
@@ -188,12 +194,15 @@ def _conv(x, kernel, bias):
 
 
 def encode_inputs(model: nn.Module, x: jax.Array, key: jax.Array) -> jax.Array:
-    """The input ``model`` takes for images ``x``: rate-coded frames ``(T, batch, ...)`` for a spiking
-    model with ``encoding: rate`` (Bernoulli spikes with probability ``(x + 1) / 2``), else ``x``.
+    """The input ``model`` takes for data ``x``: rate-coded frames ``(T, batch, ...)`` for a spiking
+    model with ``encoding: rate`` (Bernoulli spikes with probability ``(x + 1) / 2``), one-hot tokens
+    for the GPT decoder (token ids ``(batch, T)`` in), else ``x``.
 
     The frames are drawn outside the model so that they are its input: reward reaches the first
     layer through them, as through any input.
     """
+    if isinstance(model, GPT):  # token ids (batch, T) -> one-hot (batch, T, vocab)
+        return jax.nn.one_hot(x, model.num_classes, dtype=jnp.float32)
     if getattr(model, "encoding", "direct") != "rate":
         return x
     return spiking.rate_encode(key, (x + 1) / 2, model.steps)
@@ -309,7 +318,7 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     if name == "resnet18":
         return ResNet(num_classes=num_classes, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), **kwargs)
     zoo = {"mlp": MLP, "lenet": LeNet, "cifar_vgg": CifarVGGLike, "resnet": ResNet, "snn_mlp": SpikingMLP,
-           "snn_cnn": SpikingCNN}
+           "snn_cnn": SpikingCNN, "vit": ViT, "gpt": GPT}
     if name not in zoo:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(zoo) + ['toy_mlp', 'resnet18']}")
     return zoo[name](num_classes=num_classes, **kwargs)

@@ -53,6 +53,17 @@ def reward_fn(cfg: dict):
     return lambda z, y: fn(z, y) * scale
 
 
+def composite_of(cfg: dict) -> lfp_jax.Composite:
+    """The LFP composite of a run: ``lfp_epsilon`` (AttnLRP's rules at softmax and product sites) or
+    ``reference_vit`` (the reference's transformer behaviour: the plain gradient there)."""
+    name = cfg.get("composite", "lfp_epsilon")
+    if name == "lfp_epsilon":
+        return lfp_jax.lfp_epsilon(cfg["epsilon"], dropout_rescale=cfg["dropout_rescale"])
+    if name == "reference_vit":
+        return lfp_jax.composites.reference_vit(cfg["epsilon"])
+    raise ValueError(f"composite must be 'lfp_epsilon' or 'reference_vit', got {name!r}")
+
+
 def cast_floats(tree, dtype):
     """``tree`` with its floating-point leaves cast to ``dtype`` (other leaves, and ``None``, as they are)."""
     return jax.tree.map(
@@ -127,7 +138,7 @@ class Trainer:
 
             direction = lfp_jax.lfp_value_and_grad(
                 fun, reward, reward_argnums=(4,), has_aux=has_bn, allow_frozen=True,
-                composite=lfp_jax.lfp_epsilon(cfg["epsilon"], dropout_rescale=cfg["dropout_rescale"]))
+                composite=composite_of(cfg))
 
             def update_direction(params, batch_stats, x, key, y):
                 value, neg_feedback = direction(params, batch_stats, x, key, y)
@@ -183,8 +194,11 @@ class Trainer:
             y = self.data.y_test[i:i + bs]
             correct += int(jnp.sum(jnp.argmax(logits, -1) == y))
             loss += float(optax.softmax_cross_entropy_with_integer_labels(logits, y).sum())
-        n = len(self.data.x_test)
-        return {"test_accuracy": correct / n, "test_loss": loss / n}
+        n = self.data.y_test.size  # predictions: one per image, or one per character
+        out = {"test_accuracy": correct / n, "test_loss": loss / n}
+        if self.data.y_test.ndim > 1:  # language modelling: cross-entropy in bits per character
+            out["test_bits_per_char"] = out["test_loss"] / np.log(2)
+        return out
 
     def state(self, epoch: int) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats, "opt_state": self.opt_state,
@@ -260,6 +274,8 @@ def train(cfg: dict, *, resume: bool = False, progress: bool = True,
         "train_accuracy": row.get("train_accuracy"), "train_seconds": row["train_seconds"],
         "run_dir": out,
     }
+    if "test_bits_per_char" in row:
+        summary["test_bits_per_char"] = row["test_bits_per_char"]
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary

@@ -161,6 +161,7 @@ class _Traced:
             in_src=[1 << self.positions[k] for k in self.owner],
             in_origin=[(frozenset({j}), frozenset()) if p else None for j, p in enumerate(self.is_param)],
             leaf_paths=leaf_names)
+        self._refuse_mixed_products()
         if strict:
             missing = sites.problems(self.plan)
             if missing:
@@ -178,6 +179,16 @@ class _Traced:
                 "inputs such as token ids, embed them first and pass the embeddings."
             )
         self.diff = [k for k in range(len(self.leaves)) if self.is_param[k] or self.in_taint[k]]
+
+    def _refuse_mixed_products(self) -> None:
+        """Without ``input_argnums``, a product of a value computed from the input with one computed
+        only from another argument (``(x − mean) · rsqrt(var)`` with running statistics passed in) is
+        ambiguous: the argument may be a constant. Such sites get no rule; the error asks which."""
+        if self.input_argnums is not None:
+            return
+        for _, site in sites.iter_sites(self.plan):
+            if site.kind == "bilinear" and site.rule is not None and _argument_hint(self, site):
+                site.rule, site.problem = None, _MIXED
 
     def key_paths(self, primals):
         """Key paths of the traced leaves, without the argument's position."""
@@ -306,6 +317,8 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
     return outputs, feedback_fn
 
 
+_MIXED = "a product of a value computed from the input with one computed only from another argument"
+
 _OPAQUE_ATTENTION = re.compile(r"cudnn|flash|fused|dot_product_attention|custom_call|mosaic|triton",
                                re.IGNORECASE)
 
@@ -367,6 +380,9 @@ def _problem_report(t: _Traced, missing: list) -> str:
     for n, site in enumerate(missing):
         if "only applies" in (site.problem or ""):  # a rule the composite chose for the wrong kind
             hint = site.problem
+        elif site.problem == _MIXED:
+            hint = (_MIXED + ". If that argument is an input too, say so with input_argnums (then the "
+                    "product gets AttnLRP's rule).")
         elif site.kind == "unknown" and _OPAQUE_ATTENTION.search(site.label):
             hint = _HINTS["opaque_attention"].format(label=site.label)
         else:

@@ -112,3 +112,14 @@ def test_input_argnums_is_checked():
         g(params, x, stats, jnp.zeros(6, jnp.int32))
     with pytest.raises(errors.LFPError, match="input_argnums=\\(2,\\)"):  # the input named reaches nothing
         lfp_jax.lfp_vjp(lambda w, x, m: x @ w, jnp.ones((4, 2)), x, jnp.ones(3), input_argnums=(2,))
+
+
+def test_naming_both_arguments_as_inputs_gives_their_product_its_rule():
+    """The error's other fix: the statistics are an input too, and the product gets AttnLRP's rule."""
+    params, x, stats, y = _bn_setup()
+    kinds = {(s.kind, type(s.rule).__name__) for s in
+             lfp_jax.find_sites(_eval, params, x, stats, input_argnums=(1, 2))}
+    assert ("bilinear", "UniformProduct") in kinds
+    g = lfp_jax.lfp_value_and_feedback(_eval, rewards.softmax_loss, input_argnums=(1, 2), reward_argnums=(3,))
+    _, fb = g(params, x, stats, y)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(fb))

@@ -36,6 +36,25 @@ def cifar_dir(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    rng = np.random.default_rng(2)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "%\n"]
+    path.write_text(" ".join(rng.choice(words, 3000)))
+    return str(path)
+
+
+def test_text_windows_predict_the_next_character(text_file):
+    d = data_lib.load("text", root=text_file, context=16)
+    assert d.x_train.shape[1] == 16 and d.num_classes == len(data_lib.VOCAB) == 96
+    np.testing.assert_array_equal(d.x_train[:, 1:], d.y_train[:, :-1])  # targets: shifted by one
+    text = open(text_file).read()
+    assert data_lib.decode_text(d.x_train[0]) == text[:16]
+    assert data_lib.decode_text(d.x_test[0]) in text[int(0.9 * len(text)) - 20:]  # held out at the end
+    assert data_lib.decode_text(data_lib.encode_text("a\tb\u00e9")) == "a b"
+
+
 def test_idx_reader_roundtrip_and_scaling(idx_dir, tmp_path):
     write_idx(tmp_path / "img.gz", [[[0, 255], [128, 1]]])
     np.testing.assert_array_equal(data_lib.read_idx(str(tmp_path / "img.gz")), [[[0, 255], [128, 1]]])
@@ -62,6 +81,8 @@ def test_missing_datasets_say_how_to_install_them(tmp_path):
         data_lib.load("fashion_mnist", root=str(tmp_path / "nowhere"))
     with pytest.raises(data_lib.DatasetNotFound, match="data.root"):
         data_lib.load("cifar10")
+    with pytest.raises(data_lib.DatasetNotFound, match="apt-get install fortunes"):
+        data_lib.load("text", root=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="unknown dataset"):
         data_lib.load("imagenet")
 
@@ -81,21 +102,23 @@ def test_onecycle_schedule_matches_torch_defaults():
     assert float(mom(99)) == pytest.approx(0.95)
 
 
-def _tiny(cfg_path, tmp_path, idx_dir, cifar_dir, *extra):
+def _tiny(cfg_path, tmp_path, idx_dir, cifar_dir, *extra, text_file=None):
     cfg = config_lib.load(cfg_path, [f"out_dir={tmp_path}", "epochs=1", "batch_size=16",
                                      "data.subset=48", "eval_batch_size=16", *extra])
     if cfg["data"]["name"] in ("mnist", "fashion_mnist"):
         cfg["data"]["root"] = idx_dir
     if cfg["data"]["name"].startswith("cifar"):
         cfg["data"]["root"] = cifar_dir
+    if cfg["data"]["name"] == "text":
+        cfg["data"]["root"] = text_file
     if cfg["data"]["name"] in ("blobs", "circles", "swirls"):
         cfg["data"]["options"] = {**cfg["data"].get("options", {}), "n": 120}
     return cfg
 
 
 @pytest.mark.parametrize("cfg_path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
-def test_every_config_runs_end_to_end(cfg_path, tmp_path, idx_dir, cifar_dir):
-    summary = train.train(_tiny(cfg_path, tmp_path, idx_dir, cifar_dir), progress=False)
+def test_every_config_runs_end_to_end(cfg_path, tmp_path, idx_dir, cifar_dir, text_file):
+    summary = train.train(_tiny(cfg_path, tmp_path, idx_dir, cifar_dir, text_file=text_file), progress=False)
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["method"] in ("lfp", "gd")
     files = os.listdir(summary["run_dir"])
     assert {"config.yaml", "metrics.jsonl", "checkpoint.msgpack", "summary.json"} <= set(files)
