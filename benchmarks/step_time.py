@@ -1,7 +1,7 @@
 """LFP step against gradient step: median step time, first call, peak memory.
 
-    python -m benchmarks.step_time [--models mlp,lenet,cifar_vgg,resnet18,snn_mlp,snn_cnn] [--batch 128]
-        [--steps 30] [--min-seconds 10] [--max-seconds 240] [--json out.json]
+    python -m benchmarks.step_time [--models mlp,lenet,cifar_vgg,resnet18,snn_mlp,snn_cnn,vit,gpt]
+        [--batch 128] [--steps 30] [--min-seconds 10] [--max-seconds 240] [--json out.json]
         [--reference-python /path/to/python]
 
 For each model, a jitted LFP training step (``lfp_jax.lfp_value_and_grad`` + optax SGD with momentum)
@@ -16,6 +16,10 @@ models: many more steps), at most ``--max-seconds`` (at least 5 each). The table
 * memory: arguments + outputs + temporaries of each compiled executable (XLA's memory analysis);
 * with ``--reference-python``, the reference implementation's (lfprop, PyTorch) LFP and gradient step
   on the same shapes, run by ``tools/lfprop_reference/step_time.py`` in that interpreter.
+
+The transformers (``vit``: MNIST-sized ViT; ``gpt``: the character decoder with context 64 over 96
+symbols) get a second table: ``lfp_jax.lrp`` (AttnLRP input relevance) against ``jax.grad`` of the
+target logits with respect to the input.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import lfp_jax
 from experiments import models
 
 SHAPES = {"mlp": (28, 28, 1), "lenet": (28, 28, 1), "cifar_vgg": (32, 32, 3), "resnet": (32, 32, 3),
-          "resnet18": (32, 32, 3), "snn_mlp": (28, 28, 1), "snn_cnn": (28, 28, 1)}
+          "resnet18": (32, 32, 3), "snn_mlp": (28, 28, 1), "snn_cnn": (28, 28, 1), "vit": (28, 28, 1),
+          "gpt": (64,)}
+CLASSES = {"gpt": 96}  # the GPT decoder's vocabulary; every other model: 10 classes
 REFERENCE_MODELS = {"mlp", "lenet"}
 
 
@@ -49,10 +55,9 @@ def _steps(name: str, batch: int):
     rate loss (surrogate-gradient descent, the baseline LFP is compared with).
     """
     spiking = name in models.SPIKING
-    model = models.build(name, 10)
+    model = models.build(name, CLASSES.get(name, 10))
     grad_model = models.build(name, 10, surrogate="atan") if spiking else model
-    x = jnp.ones((batch, *SHAPES[name]), jnp.float32)
-    y = jnp.zeros((batch,), jnp.int32)
+    x, y = _batch(name, model, batch)
     variables = model.init(jax.random.key(0), x)
     params, stats = variables["params"], variables.get("batch_stats")
     opt = optax.sgd(0.01, momentum=0.9)
@@ -86,6 +91,44 @@ def _steps(name: str, batch: int):
         return optax.apply_updates(p, u), s
 
     return params, opt.init(params), x, y, lfp_step, grad_step
+
+
+def _batch(name: str, model, batch: int):
+    """Inputs and labels of one batch: images and class labels, or one-hot text and next characters."""
+    if name == "gpt":
+        tokens = jax.random.randint(jax.random.key(2), (batch, *SHAPES[name]), 0, CLASSES[name])
+        return models.encode_inputs(model, tokens, None), tokens
+    return jnp.ones((batch, *SHAPES[name]), jnp.float32), jnp.zeros((batch,), jnp.int32)
+
+
+def bench_lrp(name: str, batch: int, steps: int) -> dict:
+    """``lfp_jax.lrp`` (AttnLRP input relevance, one backward pass) against ``jax.grad`` of the target
+    logits with respect to the input, both jitted, timed alternately."""
+    model = models.build(name, CLASSES.get(name, 10))
+    x, y = _batch(name, model, batch)
+    params = model.init(jax.random.key(0), x)["params"]
+    fun = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    explain = jax.jit(lambda p, x, y: lfp_jax.lrp(fun)(p, x, target=y)[1])
+
+    def target_logits(p, x, y):
+        z = fun(p, x)
+        return jnp.sum(jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype) * z)
+
+    grad = jax.jit(jax.grad(target_logits, argnums=1))
+    times = {"lrp": [], "grad": []}
+    for fn in (explain, grad):
+        jax.block_until_ready(fn(params, x, y))
+    for _ in range(max(steps, 5)):
+        for label, fn in (("lrp", explain), ("grad", grad)):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(params, x, y))
+            times[label].append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"model": name, "batch": batch, "lrp_ms": 1e3 * med["lrp"], "grad_ms": 1e3 * med["grad"],
+            "ratio": med["lrp"] / med["grad"]}
+
+
+LRP_MODELS = ("vit", "gpt")
 
 
 def _first_call(step, *args):
@@ -175,7 +218,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="mlp,lenet,cifar_vgg,resnet18,snn_mlp,snn_cnn",
+    parser.add_argument("--models", default="mlp,lenet,cifar_vgg,resnet18,snn_mlp,snn_cnn,vit,gpt",
                         help=f"comma-separated, from {sorted(SHAPES)}")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method (at least)")
@@ -201,12 +244,18 @@ def main(argv=None) -> list[dict]:
             r.update({k: v for k, v in ref.get(r["model"], {}).items() if k.startswith("ref_") or k in
                       ("torch", "threads")})
     print(table(rows))
+    lrp_rows = [bench_lrp(m, args.batch, args.steps) for m in models if m in LRP_MODELS]
+    if lrp_rows:
+        print("\n| model | batch | lrp ms | jax.grad (input) ms | lrp/grad |\n|---|---|---|---|---|")
+        for r in lrp_rows:
+            print(f"| {r['model']} | {r['batch']} | {r['lrp_ms']:.2f} | {r['grad_ms']:.2f} | "
+                  f"{r['ratio']:.2f} |")
     if args.json:
         env = {"jax": jax.__version__, "backend": jax.default_backend(),
                "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
                "date": datetime.date.today().isoformat()}
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+            json.dump({"environment": env, "rows": rows, "lrp_rows": lrp_rows}, f, indent=1)
     return rows
 
 
