@@ -5,6 +5,7 @@
     python -m experiments.study pruning       # Gini of |w| per layer, global/per-layer pruning curves
     python -m experiments.study rewards       # non-differentiable rewards (misclassification, ...)
     python -m experiments.study snn           # spiking (LIF) networks: LFP vs surrogate gradients
+    python -m experiments.study transformers  # ViT (MNIST, Fashion-MNIST) and a character-level decoder
     python -m experiments.study all
 
 Options: ``--seeds N`` (default 3), ``--force`` (retrain runs that already have a summary),
@@ -377,8 +378,80 @@ def _plot_snn(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+# --- transformers -------------------------------------------------------------------------------
+
+VIT = ("vit_mnist", "vit_fashion_mnist")
+VIT_METHODS = ("lfp", "gd", "lfp_reference")
+LM_METHODS = ("lfp", "gd")
+
+
+def _curve(run_dir: str, key: str) -> list[float]:
+    return [r[key] for r in _curves(run_dir) if key in r]
+
+
+def transformers(runner: Runner) -> dict:
+    """ViT from scratch on MNIST (``--seeds`` seeds) and Fashion-MNIST (seed 0): LFP with the AttnLRP
+    rules (default composite), gradient descent, and LFP as the reference trains transformers
+    (``reference_vit``). The GPT-style decoder as a character-level language model (seed 0), LFP vs
+    gradient descent, in bits per character on held-out text. On 2 CPU cores a ViT epoch takes about
+    a minute, a decoder epoch about two."""
+    results: dict = {"vit": {}, "lm": {}}
+    for stem in VIT:
+        n_seeds = runner.args.seeds if stem == "vit_mnist" else 1
+        entry = {}
+        for method in VIT_METHODS:
+            cfgs = [runner.cfg(f"{stem}_{method}.yaml", seed=s) for s in range(n_seeds)]
+            pairs = [(c, runner.run(c)) for c in cfgs]
+            pairs = [(c, r) for c, r in pairs if r is not None]
+            if pairs:
+                entry[method] = {**aggregate([r for _, r in pairs]), "curves": [
+                    _curve(config_lib.run_dir(c), "test_accuracy") for c, _ in pairs]}
+        results["vit"][stem] = entry
+    for method in LM_METHODS:
+        cfg = runner.cfg(f"gpt_text_{method}.yaml", seed=0)
+        run = runner.run(cfg)
+        if run is not None:
+            results["lm"][method] = {
+                "test_bits_per_char": run["test_bits_per_char"], "test_accuracy": run["test_accuracy"],
+                "train_seconds": run["train_seconds"],
+                "curve": _curve(config_lib.run_dir(cfg), "test_bits_per_char")}
+    folder = _save(results, "transformers", runner.args)
+    _plot_transformers(results, os.path.join(folder, "transformers.png"))
+    return results
+
+
+def _plot_transformers(results: dict, path: str) -> None:
+    panels = [(stem, f"ViT, {stem[4:].replace('_', '-')}") for stem in VIT] + [("lm", "decoder, fortunes")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4))
+    labels = {"lfp": "LFP (AttnLRP rules)", "gd": "gradient descent", "lfp_reference": "LFP (reference ViT)"}
+    for ax, (key, title) in zip(axes, panels):
+        if key == "lm":
+            for method, entry in results["lm"].items():
+                c = entry["curve"]
+                ax.plot(np.arange(1, len(c) + 1), c, marker="o", label=labels[method])
+            ax.set_ylabel("test bits per character")
+        else:
+            for method, entry in results["vit"].get(key, {}).items():
+                curves = [c for c in entry["curves"] if c]
+                if not curves:
+                    continue
+                n = min(len(c) for c in curves)
+                arr = np.array([c[:n] for c in curves])
+                x = np.arange(1, n + 1)
+                ax.plot(x, arr.mean(0), marker="o", label=f"{labels[method]} ({len(curves)} seeds)")
+                if len(curves) > 1:
+                    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2)
+            ax.set_ylabel("test accuracy")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 STUDIES = {"compare": compare, "activations": activations, "pruning": pruning_study, "rewards": rewards,
-           "snn": snn}
+           "snn": snn, "transformers": transformers}
 
 
 def main(argv=None) -> None:
