@@ -65,6 +65,16 @@ def place_stabilizers(flow, plan, cats: dict, context, in_eps: list, wrap_out: l
                 for pos, a in enumerate(node.inputs):
                     if pos != 0 or pending(a) is ABSOLUTE or not own:
                         wrap(site.nodes[0], pos, a)
+            elif (site.rule is not None and site.rule.absorbs_input_epsilon and not absolute_in
+                  and pending(site.operands[0]) is not None):
+                # the rule applies the scores' ε itself (softmax); any other pending operand is
+                # stabilised on its edge as usual
+                site.input_epsilon = pending(site.operands[0])
+                inside = {o for r in site.nodes for o in g.nodes[r].outputs}
+                for r in site.nodes:
+                    for pos, a in enumerate(g.nodes[r].inputs):
+                        if isinstance(a, int) and a not in inside and a != site.operands[0]:
+                            wrap(r, pos, a)
             elif site.kind in _BLOCK_KINDS or absolute_in:
                 # absolute reward (spikes) enters any other site in the normalised form
                 inside = {o for r in site.nodes for o in g.nodes[r].outputs}

@@ -134,6 +134,37 @@ def test_a_chain_of_products_gives_every_factor_the_same_share_however_it_is_gro
 # -- normalisations with 1/σ held constant ------------------------------------------------------
 
 
+def test_an_attention_head_under_the_default_composite_equals_the_hand_computation():
+    """x ↦ softmax(mask(q kᵀ)) v with q, k, v = x W: every ε of lfp_epsilon (large here, 0.3, so
+    that each stabiliser shows) applied where the formulas put it: at the Dense outputs, at the
+    masked scores (inside the softmax rule) and at the output; the products split their reward."""
+    eps, t, d = 0.3, 5, 4
+    w = {n: _rand(i, d, d) for i, n in enumerate("qkv")}
+    x, target = _rand(5, t, d), _rand(6, t, d)
+    mask = jnp.tril(jnp.ones((t, t), bool))
+
+    def head(w, x):
+        q, k, v = (x @ w[n] for n in "qkv")
+        return jax.nn.softmax(jnp.where(mask, q @ k.T, -jnp.inf), axis=-1) @ v
+
+    out, rel = jax.jit(lfp_jax.lrp(head, composites.lfp_epsilon(eps)))(w, x, target=target)
+
+    def stab(z):
+        return z + eps * jnp.where(z >= 0, 1.0, -1.0)
+
+    q, k, v = (x @ w[n] for n in "qkv")
+    scores = jnp.where(mask, q @ k.T, -jnp.inf)
+    a = jax.nn.softmax(scores, axis=-1)
+    c_out = target / stab(a @ v)                               # output relevance, ε at the output
+    c_a, c_v = 0.5 * c_out @ v.T, 0.5 * a.T @ c_out           # attention · values: half each
+    c_s = a * (c_a - jnp.sum(a * c_a, -1, keepdims=True))     # softmax Taylor rule ...
+    c_s = jnp.where(mask, c_s * scores / stab(jnp.where(mask, scores, 1.0)), 0)  # ... ε of q kᵀ
+    c_q, c_k = 0.5 * c_s @ k, 0.5 * c_s.T @ q                  # q kᵀ: half each
+    c_x = sum(c * z / stab(z) @ w[n].T for c, z, n in ((c_q, q, "q"), (c_k, k, "k"), (c_v, v, "v")))
+    np.testing.assert_allclose(out, a @ v, rtol=1e-12)
+    np.testing.assert_allclose(rel, x * c_x, rtol=1e-10, atol=1e-12)
+
+
 def _layer_norm(x, g, b, eps=1e-5):
     m = x.mean(-1, keepdims=True)
     return (x - m) / jnp.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps) * g + b

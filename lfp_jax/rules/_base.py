@@ -78,6 +78,10 @@ class Rule:
     """
 
     kinds: ClassVar[frozenset[str]] = frozenset()
+    absorbs_input_epsilon: ClassVar[bool] = False
+    """Whether the rule applies the ε of the block feeding its first operand itself (it reads
+    ``SiteCall.input_epsilon``) instead of the engine placing a stabiliser on that edge. Activation
+    sites always get it this way; other kinds (softmax) when their rule says so."""
 
     @property
     def output_epsilon(self) -> float | None:

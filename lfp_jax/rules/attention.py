@@ -12,8 +12,9 @@ import dataclasses
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 
-from lfp_jax.rules._base import Array, Rule, SiteCall, with_backward
+from lfp_jax.rules._base import Array, Rule, SiteCall, stabilize, with_backward
 from lfp_jax.rules.core import Epsilon
 
 
@@ -33,15 +34,35 @@ class SoftmaxTaylor(Rule):
     normalised form the rule is the plain VJP of the softmax, so it costs what a gradient costs. It
     does not conserve reward: ``Σ R_x = Σ x ⊙ R_y − (Σ x ⊙ y)(Σ R_y)`` differs from ``Σ R_y``. No
     stabiliser at the output (as in LXT).
+
+    The ε of the block that produced the scores (``q·kᵀ``, scaled and masked) is applied here, in the
+    same backward pass, ``c_x ← c_x ⊙ x / (x + ε·sign(x))`` (0 at masked ``-inf`` scores), rather
+    than by a separate stabiliser: the same numbers, with one pass less over the ``(…, T, T)``
+    scores and no second copy of them kept for the backward pass.
     """
 
     kinds: ClassVar[frozenset[str]] = frozenset({"softmax"})
+    absorbs_input_epsilon: ClassVar[bool] = True
 
     def __call__(self, call: SiteCall, *operands: Array) -> tuple:
-        if call.site.label != "softmax":
-            raise ValueError(f"SoftmaxTaylor applies to softmax sites, not to a {call.site.label} site "
-                             f"at {call.site.source_line}")
-        return call.fn(*operands)
+        site = call.site
+        if site.label != "softmax":
+            raise ValueError(f"SoftmaxTaylor applies to softmax sites, not to a {site.label} site "
+                             f"at {site.source_line}")
+        eps = call.input_epsilon
+        axes = [p["axes"] for name, p in zip(site.primitives, site.params) if name == "reduce_sum"]
+        if eps is None or len(axes) != 1:
+            return call.fn(*operands)
+        (axes,) = axes
+
+        def backward(ops, outs, ct):
+            x, y = ops[0], outs[0]
+            c_x = y * (ct - jnp.sum(y * ct, axis=axes, keepdims=True))
+            finite = jnp.isfinite(x)
+            safe = jnp.where(finite, x, 1)
+            return [jnp.where(finite, c_x * safe / stabilize(safe, eps), 0)] + [None] * (len(ops) - 1)
+
+        return with_backward(call, operands, backward)
 
 
 @dataclasses.dataclass(frozen=True)
