@@ -393,8 +393,8 @@ def transformers(runner: Runner) -> dict:
     """ViT from scratch on MNIST (``--seeds`` seeds) and Fashion-MNIST (seed 0): LFP with the AttnLRP
     rules (default composite), gradient descent, and LFP as the reference trains transformers
     (``reference_vit``). The GPT-style decoder as a character-level language model (seed 0), LFP vs
-    gradient descent, in bits per character on held-out text. On 2 CPU cores a ViT epoch takes about
-    a minute, a decoder epoch about two."""
+    gradient descent, in bits per character on held-out text. On 2 CPU cores a ViT epoch takes 1 to 1.5
+    minutes, a decoder epoch about 3."""
     results: dict = {"vit": {}, "lm": {}}
     for stem in VIT:
         n_seeds = runner.args.seeds if stem == "vit_mnist" else 1
