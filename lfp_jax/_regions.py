@@ -77,20 +77,32 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
 def _include_max_shift(flow, region: set[int], x: int) -> int:
     """``jax.nn.softmax`` computes ``exp(x − stop_gradient(max x))``: take the subtraction into the
     site, so that its input (where the ε of the block producing the scores is applied) is the raw
-    scores. Returns the new region input."""
+    scores. A softmax written with the maximum not stopped (``exp(x − x.max(-1, keepdims=True))``)
+    gets the maximum into the site too: the same function of ``x``, whose derivative through the
+    maximum is zero. Returns the new region input."""
     g = flow.g
     p = flow.producer.get(x)
-    if p is None or g.nodes[p].name != "sub" or len(flow._tin(p)) != 1:
+    if p is None or g.nodes[p].name != "sub":
         return x
     scores, shift = g.nodes[p].inputs
     q = flow.producer.get(shift) if isinstance(shift, int) else None
+    chain, value = [], shift  # (value, the node that consumes it) from the shift up to the maximum
+    consumer = p
     while q is not None and g.nodes[q].name in ("broadcast_in_dim", "reshape", "transpose", "expand_dims"):
-        a = g.nodes[q].inputs[0]
-        q = flow.producer.get(a) if isinstance(a, int) else None
-    if q is None or g.nodes[q].name != "stop_gradient" or flow._tin(p) != [scores]:
+        chain.append((value, consumer))
+        consumer, value = q, g.nodes[q].inputs[0]
+        q = flow.producer.get(value) if isinstance(value, int) else None
+    chain.append((value, consumer))
+    if q is None:
         return x
-    region.add(p)
-    return scores
+    if g.nodes[q].name == "stop_gradient" and flow._tin(p) == [scores]:
+        region.add(p)
+        return scores
+    if (g.nodes[q].name == "reduce_max" and g.nodes[q].inputs[0] == scores
+            and all(flow.consumers.get(v) == [c] and v not in flow.out_vars for v, c in chain)):
+        region.update([p, q] + [c for _, c in chain[1:]])
+        return scores
+    return x
 
 
 def product_chains(flow, singles: dict) -> dict:

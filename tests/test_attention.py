@@ -134,10 +134,29 @@ def test_a_chain_of_products_gives_every_factor_the_same_share_however_it_is_gro
 # -- normalisations with 1/σ held constant ------------------------------------------------------
 
 
-def test_an_attention_head_under_the_default_composite_equals_the_hand_computation():
+def _softmax_stopped_max(s):
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _softmax_max(s):
+    e = jnp.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _softmax_plain(s):
+    e = jnp.exp(s)
+    return e / jnp.sum(e, -1, keepdims=True)
+
+
+@pytest.mark.parametrize("softmax", [jax.nn.softmax, _softmax_stopped_max, _softmax_max, _softmax_plain],
+                         ids=["jax.nn.softmax", "stopped max", "max", "no shift"])
+def test_an_attention_head_under_the_default_composite_equals_the_hand_computation(softmax):
     """x ↦ softmax(mask(q kᵀ)) v with q, k, v = x W: every ε of lfp_epsilon (large here, 0.3, so
     that each stabiliser shows) applied where the formulas put it: at the Dense outputs, at the
-    masked scores (inside the softmax rule) and at the output; the products split their reward."""
+    masked scores (inside the softmax rule) and at the output; the products split their reward.
+    However the softmax is written (its shift by the row maximum stopped or not, or none), the rule
+    belongs to the raw scores."""
     eps, t, d = 0.3, 5, 4
     w = {n: _rand(i, d, d) for i, n in enumerate("qkv")}
     x, target = _rand(5, t, d), _rand(6, t, d)
@@ -145,7 +164,7 @@ def test_an_attention_head_under_the_default_composite_equals_the_hand_computati
 
     def head(w, x):
         q, k, v = (x @ w[n] for n in "qkv")
-        return jax.nn.softmax(jnp.where(mask, q @ k.T, -jnp.inf), axis=-1) @ v
+        return softmax(jnp.where(mask, q @ k.T, -jnp.inf)) @ v
 
     out, rel = jax.jit(lfp_jax.lrp(head, composites.lfp_epsilon(eps)))(w, x, target=target)
 

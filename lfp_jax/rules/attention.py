@@ -50,17 +50,22 @@ class SoftmaxTaylor(Rule):
             raise ValueError(f"SoftmaxTaylor applies to softmax sites, not to a {site.label} site "
                              f"at {site.source_line}")
         eps = call.input_epsilon
-        axes = [p["axes"] for name, p in zip(site.primitives, site.params) if name == "reduce_sum"]
-        if eps is None or len(axes) != 1:
+        if eps is None:
             return call.fn(*operands)
-        (axes,) = axes
+        axes = [p["axes"] for name, p in zip(site.primitives, site.params) if name == "reduce_sum"]
+        explicit = len(axes) == 1 and not any(call.carries_reward[1:])
 
         def backward(ops, outs, ct):
-            x, y = ops[0], outs[0]
-            c_x = y * (ct - jnp.sum(y * ct, axis=axes, keepdims=True))
+            x = ops[0]
+            if explicit:  # jax.nn.softmax: the VJP from the saved output, no second forward pass
+                y = outs[0]
+                cts = [y * (ct - jnp.sum(y * ct, axis=axes[0], keepdims=True))] + [None] * (len(ops) - 1)
+            else:  # any other softmax site: its plain VJP
+                cts = list(jax.vjp(lambda *o: call.fn(*o)[0], *ops)[1](ct))
             finite = jnp.isfinite(x)
             safe = jnp.where(finite, x, 1)
-            return [jnp.where(finite, c_x * safe / stabilize(safe, eps), 0)] + [None] * (len(ops) - 1)
+            cts[0] = jnp.where(finite, cts[0] * safe / stabilize(safe, eps), 0)
+            return cts
 
         return with_backward(call, operands, backward)
 
