@@ -66,9 +66,10 @@ def place_stabilizers(flow, plan, cats: dict, context, in_eps: list, wrap_out: l
                     if pos != 0 or pending(a) is ABSOLUTE or not own:
                         wrap(site.nodes[0], pos, a)
             elif (site.rule is not None and site.rule.absorbs_input_epsilon and not absolute_in
-                  and pending(site.operands[0]) is not None):
+                  and not site.extras and pending(site.operands[0]) is not None):
                 # the rule applies the scores' ε itself (softmax); any other pending operand is
-                # stabilised on its edge as usual
+                # stabilised on its edge as usual (a site with side outputs, e.g. shifted scores used
+                # elsewhere, keeps its plain VJP and the stabiliser on the edge)
                 site.input_epsilon = pending(site.operands[0])
                 inside = {o for r in site.nodes for o in g.nodes[r].outputs}
                 for r in site.nodes:

@@ -99,10 +99,35 @@ def _include_max_shift(flow, region: set[int], x: int) -> int:
         region.add(p)
         return scores
     if (g.nodes[q].name == "reduce_max" and g.nodes[q].inputs[0] == scores
-            and all(flow.consumers.get(v) == [c] and v not in flow.out_vars for v, c in chain)):
+            and all(flow.consumers.get(v) == [c] and v not in flow.out_vars for v, c in chain)
+            and _constant_along_sum(flow, region, q, [c for _, c in chain[1:]][::-1])):
         region.update([p, q] + [c for _, c in chain[1:]])
         return scores
     return x
+
+
+def _constant_along_sum(flow, region: set[int], q: int, moves: list[int]) -> bool:
+    """Whether the maximum ``q`` (a ``reduce_max`` of the scores) is taken over exactly the axes the
+    softmax sums over and put back along them by ``moves`` (keepdims-style ``broadcast_in_dim``s),
+    so that subtracting it leaves the softmax unchanged (and its derivative through the maximum 0)."""
+    g = flow.g
+    sums = [g.nodes[r].params["axes"] for r in region if g.nodes[r].name == "reduce_sum"]
+    axes = tuple(sorted(g.nodes[q].params["axes"]))
+    if len(sums) != 1 or tuple(sorted(sums[0])) != axes:
+        return False
+    n = len(g.aval(g.nodes[q].inputs[0]).shape)
+    dims: list = [d for d in range(n) if d not in axes]  # scores dimension of each dimension
+    value = g.nodes[q].outputs[0]
+    for r in moves:
+        node = g.nodes[r]
+        if node.name != "broadcast_in_dim" or node.inputs[0] != value:
+            return False
+        shape, src = node.params["shape"], g.aval(value).shape
+        new: list = [None] * len(shape)
+        for i, j in enumerate(node.params["broadcast_dimensions"]):
+            new[j] = dims[i] if src[i] == shape[j] else None
+        dims, value = new, node.outputs[0]
+    return dims == [None if d in axes else d for d in range(n)]
 
 
 def product_chains(flow, singles: dict) -> dict:

@@ -184,6 +184,72 @@ def test_an_attention_head_under_the_default_composite_equals_the_hand_computati
     np.testing.assert_allclose(rel, x * c_x, rtol=1e-10, atol=1e-12)
 
 
+def _softmax_sites_by_hand(w, x, target, softmax, eps=1e-6):
+    """Input relevance of x ↦ softmax(x W) V with the softmax site's exact VJP (whatever it
+    computes) and the ε of x W applied at the scores: the reference the next tests use."""
+    s = x @ w["w"]
+    z = softmax(s) @ w["v"]
+    stab = lambda a: a + eps * jnp.where(a >= 0, 1.0, -1.0)  # noqa: E731
+    c_y = (target / stab(z)) @ w["v"].T  # V is a constant of lrp: a linear site
+    c_s = jax.vjp(softmax, s)[1](c_y)[0] * s / stab(s)
+    return x * (c_s @ w["w"].T)
+
+
+def _masked_normaliser(s):  # softmax(where=) as jax once wrote it: masked entries kept out of the sum
+    m = jnp.arange(s.shape[-1]) != 2
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    return jnp.where(m, e / jnp.where(m, e, 0).sum(-1, keepdims=True), 0)
+
+
+def _max_over_other_axis(s):  # not shift invariant: the maximum is not constant along the sum
+    e = jnp.exp(s - s.max(0, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _max_broadcast_wrongly(s):  # the row maxima laid along the wrong axis
+    e = jnp.exp(s - s.max(-1)[None, :])
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("softmax", [_masked_normaliser, _max_over_other_axis, _max_broadcast_wrongly],
+                         ids=["masked normaliser", "max over another axis", "max broadcast wrongly"])
+def test_softmax_sites_that_are_not_plain_softmax_keep_their_exact_derivative(softmax):
+    w = {"w": _rand(0, 5, 5), "v": _rand(1, 5, 5)}
+    x, target = _rand(2, 5, 5), _rand(3, 5, 5)
+    # ε small: a maximum that is not folded into the site is a site of its own, with its own ε
+    fun = lfp_jax.lrp(lambda w, x: softmax(x @ w["w"]) @ w["v"], composites.lfp_epsilon(1e-10))
+    _, rel = jax.jit(fun)(w, x, target=target)
+    want = _softmax_sites_by_hand(w, x, target, softmax, eps=1e-10)
+    np.testing.assert_allclose(rel, want, rtol=1e-7, atol=1e-12)
+
+
+class _SoftmaxOnTheEdge(rules.SoftmaxTaylor):
+    """The softmax rule with the scores' ε left to the engine's stabiliser on the edge."""
+
+    absorbs_input_epsilon = False
+
+
+def test_shifted_scores_used_elsewhere_keep_their_reward():
+    """softmax(s) V + (s − max s) W₂: the shifted scores leave the softmax site a second time; the
+    reward reaching them there is handed back too, as with the stabiliser on the edge."""
+    w, v, w2 = _rand(0, 5, 5), _rand(1, 5, 5), _rand(4, 5, 5)
+    x, target = _rand(2, 4, 5), _rand(3, 4, 5)
+
+    def f(w, x, reuse=1.0):
+        s = x @ w
+        z = s - jax.lax.stop_gradient(s.max(-1, keepdims=True))
+        e = jnp.exp(z)
+        return (e / e.sum(-1, keepdims=True)) @ v + reuse * z @ w2
+
+    default = composites.lfp_epsilon(0.1)
+    edge = default.with_rules((Match(kind="softmax"), _SoftmaxOnTheEdge()))
+    _, rel = jax.jit(lfp_jax.lrp(f, default))(w, x, target=target)
+    _, on_edge = jax.jit(lfp_jax.lrp(f, edge))(w, x, target=target)
+    np.testing.assert_allclose(rel, on_edge, rtol=1e-10, atol=1e-13)
+    _, no_reuse = jax.jit(lfp_jax.lrp(lambda w, x: f(w, x, 0.0), default))(w, x, target=target)
+    assert float(jnp.abs(rel - no_reuse).max()) > 1e-3  # the second use does carry reward
+
+
 def _layer_norm(x, g, b, eps=1e-5):
     m = x.mean(-1, keepdims=True)
     return (x - m) / jnp.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps) * g + b

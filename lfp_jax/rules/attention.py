@@ -53,14 +53,14 @@ class SoftmaxTaylor(Rule):
         if eps is None:
             return call.fn(*operands)
         axes = [p["axes"] for name, p in zip(site.primitives, site.params) if name == "reduce_sum"]
-        explicit = len(axes) == 1 and not any(call.carries_reward[1:])
+        explicit = tuple(site.primitives) in _PLAIN_SOFTMAX and not any(call.carries_reward[1:])
 
         def backward(ops, outs, ct):
             x = ops[0]
             if explicit:  # jax.nn.softmax: the VJP from the saved output, no second forward pass
                 y = outs[0]
                 cts = [y * (ct - jnp.sum(y * ct, axis=axes[0], keepdims=True))] + [None] * (len(ops) - 1)
-            else:  # any other softmax site: its plain VJP
+            else:  # any other softmax site (a mask in the normaliser, ...): its exact VJP
                 cts = list(jax.vjp(lambda *o: call.fn(*o)[0], *ops)[1](ct))
             finite = jnp.isfinite(x)
             safe = jnp.where(finite, x, 1)
@@ -68,6 +68,13 @@ class SoftmaxTaylor(Rule):
             return cts
 
         return with_backward(call, operands, backward)
+
+
+# exp(x − c) / Σ exp(x − c) and nothing else (c a stopped or unstopped row maximum, or no shift):
+# sites whose VJP is y ⊙ (c_y − Σ y ⊙ c_y) along the summed axes
+_PLAIN_SOFTMAX = {("sub", "exp", "reduce_sum", "broadcast_in_dim", "div"),
+                  ("reduce_max", "broadcast_in_dim", "sub", "exp", "reduce_sum", "broadcast_in_dim", "div"),
+                  ("exp", "reduce_sum", "broadcast_in_dim", "div")}
 
 
 @dataclasses.dataclass(frozen=True)
