@@ -142,24 +142,11 @@ def attn_lrp(epsilon: float = 1e-6) -> Composite:
     Args:
       epsilon: ε of every ε rule (LXT uses 1e-6 to 1e-8).
     """
-    eps = R.Epsilon(epsilon)
-    return Composite(
-        entries=(
-            (Match(kind="linear"), eps),
-            (Match(kind="sum"), eps),
-            (Match(kind="pool"), eps),
-            (Match(kind="normalization"), R.ConstantStd(epsilon)),
-            (Match(kind="activation"), R.Identity()),
-            (Match(kind="max_pool"), R.WinnerTakeAll()),
-            (Match(kind="max"), R.WinnerTakeAll()),
-            (Match(kind="dropout"), R.Dropout(rescale=False)),
-            (Match(kind="spiking"), R.SpikingEpsilon(epsilon)),
-            (Match(kind="softmax", label="softmax"), R.SoftmaxTaylor()),
-            (Match(kind="bilinear"), R.UniformProduct(epsilon)),
-            (Match(kind="bilinear", label="mul"), R.UniformProduct(None)),
-        ),
-        name=f"attn_lrp(epsilon={epsilon:g})",
-    )
+    base = lfp_epsilon(epsilon, dropout_rescale=False)
+    return dataclasses.replace(
+        base.with_rules((Match(kind="normalization"), R.ConstantStd(epsilon)),
+                        (Match(kind="bilinear", label="mul"), R.UniformProduct(None))),
+        name=f"attn_lrp(epsilon={epsilon:g})")
 
 
 def reference_vit(epsilon: float = 1.0) -> Composite:
