@@ -19,8 +19,8 @@
 
 Presets (:mod:`lfp_jax.composites`): ``attn_lrp`` (ε everywhere) and zennit's ``epsilon_plus``,
 ``epsilon_plus_flat``, ``epsilon_alpha2_beta1``, ``epsilon_alpha2_beta1_flat`` and
-``epsilon_gamma_box`` (z^B at the first layer, bounded by the data's range: ``[-1, 1]`` for the
-normalised MNIST images).
+``epsilon_gamma_box`` (z^B at the first convolution, bounded by the range the loaders scale images to,
+``[-1, 1]``).
 """
 
 from __future__ import annotations
@@ -217,7 +217,8 @@ def main(argv=None) -> dict:
     data = trainer.data
     idx = pick_samples(data.y_test, args.samples)
     x, y = data.x_test[idx], data.y_test[idx]
-    low, high = float(data.x_test.min()), float(data.x_test.max())
+    # z^B's bounds: the range the loaders scale images to, [-1, 1] (widened if the data go beyond it).
+    low, high = min(-1.0, float(data.x_test.min())), max(1.0, float(data.x_test.max()))
     logits, relevance, report = explain(trainer, x, y, presets, args.target, low, high)
     pred = logits.argmax(-1)
     os.makedirs(args.out, exist_ok=True)

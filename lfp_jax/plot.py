@@ -24,9 +24,15 @@ The conventions are those of LRP heatmaps (zennit, the LRP toolbox):
 
 Example::
 
-    explain = jax.jit(lfp_jax.lrp(lambda p, x: model.apply({"params": p}, x)))
-    logits, relevance = explain(params, images, target=labels)
-    lfp_jax.plot.save_heatmap("heatmap.png", relevance[0], cmap="coldnhot")
+    import jax, lfp_jax
+    from lfp_jax.plot import save_heatmap
+
+    composite = lfp_jax.composites.epsilon_plus_flat()
+    explain = jax.jit(lfp_jax.lrp(lambda p, x: model.apply({"params": p}, x), composite))
+    logits, relevance = explain(params, images, target=labels)  # relevance shaped like images
+    save_heatmap("heatmap.png", relevance[0], cmap="coldnhot", scale=8)
+
+:func:`grid` draws several samples and presets in one labelled figure (``python -m experiments.explain``).
 """
 
 from __future__ import annotations
