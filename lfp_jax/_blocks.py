@@ -22,7 +22,7 @@ from lfp_jax.rules import ABSOLUTE, SpikingEpsilon
 
 
 def place_stabilizers(flow, plan, cats: dict, context, in_eps: list, wrap_out: list) -> None:
-    """Choose each site's rule, then walk the graph placing block-output stabilisers.
+    """Walk the graph placing block-output stabilisers (each site's rule is chosen already).
 
     ``eps[v]`` is the ε of the block whose output ``v`` is, while that output has not entered
     another block yet. An edge from such a value into a block (a linear, sum, pool, normalisation
@@ -30,8 +30,6 @@ def place_stabilizers(flow, plan, cats: dict, context, in_eps: list, wrap_out: l
     ``φ(x)/stab(x)``; affine, structural and routing primitives extend the block.
     """
     g = flow.g
-    for site in plan.sites:
-        site.rule, site.problem = context.composite.lookup(site)
     eps: dict[int, float] = {
         v: e for v, e in zip(g.inputs, in_eps) if e is not None and v in flow.tainted}
 
@@ -240,4 +238,5 @@ def _analyse_sub(graph: Graph, taint: list[bool], context: Any, in_eps: list, wr
     from lfp_jax.sites import analyse  # sites imports this module
 
     return analyse(graph, taint, output_taint(graph, taint), context, in_eps=in_eps,
-                   wrap_out=wrap_out, in_src=in_src, in_origin=in_origin, in_class=in_class)
+                   wrap_out=wrap_out, in_src=in_src, in_origin=in_origin, in_class=in_class,
+                   nested=True)

@@ -308,7 +308,10 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
         result_leaves: list[Any] = [None] * len(t.leaves)
         for k, ct in zip(t.diff, cts):
             x = t.leaves[k]
-            result_leaves[k] = jnp.abs(x) * ct if t.is_param[k] else x * ct
+            if t.is_param[k]:
+                result_leaves[k] = jnp.abs(x) * ct
+            else:  # an input: R = x ⊙ c, or R itself where the rules handed it (rules.LinearRule)
+                result_leaves[k] = ct if k in t.plan.relevance_inputs else x * ct
         per_arg = t.unflatten(result_leaves)
         return tuple(None if c else a for a, c in zip(per_arg, constant))
 
@@ -797,6 +800,8 @@ def _rule_name(rule: Any) -> str:
     parts = []
     if "epsilon" in fields and rule.epsilon is not None:
         parts.append(f"{rule.epsilon:g}" if isinstance(rule.epsilon, float) else repr(rule.epsilon))
+    defaults = {f.name: f.default for f in dataclasses.fields(rule)}
     parts += [f"{f}={getattr(rule, f)!r}" for f in fields
-              if f != "epsilon" and getattr(rule, f) is not None]
+              if f != "epsilon" and getattr(rule, f) is not None
+              and not (isinstance(getattr(rule, f), bool) and getattr(rule, f) == defaults[f])]
     return f"{type(rule).__name__}({', '.join(parts)})"

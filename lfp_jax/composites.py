@@ -35,16 +35,22 @@ class Match:
       path: glob over the site's module path (:attr:`lfp_jax.sites.Site.path`): a linen module
         path such as ``"MLP/Dense_0"``, an nnx attribute path such as ``"layers/0/linear"``, an
         equinox field path such as ``"layers/0"``, or a ``jax.named_scope``.
+      first: ``True`` selects only the *first layer*, a linear site that reads a model input (through
+        moves and elementwise affine operations only, such as a reshape or an input normalisation),
+        ``False`` only the others; zennit's special first layer, with no module path needed.
       where: any predicate ``site -> bool``.
     """
 
     kind: str | None = None
     label: str | None = None
     path: str | None = None
+    first: bool | None = None
     where: Callable[[Any], bool] | None = None
 
     def __call__(self, site: Any) -> bool:
         if self.kind is not None and site.kind != self.kind:
+            return False
+        if self.first is not None and bool(getattr(site, "first", False)) != self.first:
             return False
         if self.label is not None and not fnmatch.fnmatchcase(site.label, self.label):
             return False
@@ -65,9 +71,21 @@ class Composite:
     entries: tuple[tuple[Match, R.Rule], ...]
     name: str = "custom"
 
-    def with_rules(self, *pairs: tuple[Match, R.Rule]) -> Composite:
-        """A copy with ``pairs`` appended (they take precedence)."""
-        return dataclasses.replace(self, entries=self.entries + tuple(pairs))
+    def with_rules(self, *pairs: tuple[Match, R.Rule], name: str | None = None) -> Composite:
+        """A copy with ``pairs`` appended (they take precedence).
+
+        Args:
+          name: the new composite's name; by default the old name followed by the pairs, e.g.
+            ``lfp_epsilon(epsilon=1e-06).with_rules(Match(kind='linear') -> ZPlus(1e-06))``, so that
+            :func:`lfp_jax.describe` shows what was changed.
+        """
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[0])
+                    and isinstance(pair[1], R.Rule)):
+                raise TypeError(f"with_rules takes (Match, Rule) pairs, got {pair!r}")
+        if name is None:
+            name = f"{self.name}.with_rules({', '.join(f'{_show(m)} -> {_show(r)}' for m, r in pairs)})"
+        return dataclasses.replace(self, entries=self.entries + tuple(pairs), name=name)
 
     def lookup(self, site: Any) -> tuple[R.Rule | None, str | None]:
         """The rule of ``site``: ``(rule, None)``, or ``(None, why)`` when no pair gives one."""
@@ -87,6 +105,19 @@ class Composite:
         if rule is None:
             raise NoRuleError(f"{site.kind!r} site ({site.label}) at {site.source_line}: {problem}")
         return rule
+
+
+def _show(obj: Any) -> str:
+    """``Match(kind='linear')`` or ``ZPlus(1e-06)``: only the fields that are set."""
+    if isinstance(obj, Match):
+        fields = [f"{f.name}={getattr(obj, f.name)!r}" for f in dataclasses.fields(obj)
+                  if getattr(obj, f.name) is not None and f.name != "where"]
+        if obj.where is not None:
+            fields.append(f"where={getattr(obj.where, '__name__', 'fn')}")
+        return f"Match({', '.join(fields)})"
+    from lfp_jax.api import _rule_name
+
+    return _rule_name(obj) if isinstance(obj, R.Rule) else repr(obj)
 
 
 def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Composite:
@@ -163,3 +194,93 @@ def reference_vit(epsilon: float = 1.0) -> Composite:
         base.with_rules((Match(kind="softmax"), grad), (Match(kind="bilinear"), grad),
                         (Match(kind="sum"), grad)),
         name=f"reference_vit(epsilon={epsilon:g})")
+
+
+# -- zennit's LRP presets -----------------------------------------------------------------------------
+
+_CONV = Match(kind="linear", label="conv")
+_DENSE = Match(kind="linear", label="dense")
+_FIRST = Match(kind="linear", first=True)
+_FIRST_CONV = Match(kind="linear", label="conv", first=True)
+
+
+def _lrp_base(epsilon: float, stabilizer: float, zero_bias: bool, conv: R.Rule, name: str,
+              first: tuple = ()) -> Composite:
+    r"""AttnLRP's rules at every site (ε at pooling and sums, identity at activations, ...), the ε rule at
+    dense layers, ``conv`` at convolutions and ``first`` pairs for the first layer."""
+    dense = R.LinearRule(epsilon, zero_bias=True) if zero_bias else R.Epsilon(epsilon)
+    base = attn_lrp(stabilizer).with_rules((Match(kind="linear"), dense), (_CONV, conv), *first)
+    return dataclasses.replace(base, name=name)
+
+
+def _args(**kwargs) -> str:
+    return ", ".join(f"{k}={v!r}" if not isinstance(v, float) else f"{k}={v:g}" for k, v in kwargs.items())
+
+
+def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, *, zero_bias: bool = False) -> Composite:
+    r"""zennit's ``EpsilonPlus``: z⁺ (:class:`~lfp_jax.rules.ZPlus`) at convolutions, the ε rule at dense
+    layers; ε (``stabilizer``) at average pooling and sums, identity at activations, winner-takes-all at
+    max pooling. Biases and eval-mode BatchNorms are merged into their layer (see :mod:`lfp_jax.rules.lrp`).
+
+    Args:
+      epsilon: ε of the dense layers' ε rule.
+      stabilizer: ε of every other rule.
+      zero_bias: leave biases out of every rule (zennit's ``zero_params="bias"``).
+    """
+    return _lrp_base(epsilon, stabilizer, zero_bias, R.ZPlus(stabilizer, zero_bias=zero_bias),
+                     f"epsilon_plus({_args(epsilon=epsilon, stabilizer=stabilizer, zero_bias=zero_bias)})")
+
+
+def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, *,
+                      zero_bias: bool = False) -> Composite:
+    r""":func:`epsilon_plus` with the flat rule (:class:`~lfp_jax.rules.Flat`) at the first layer
+    (``Match(first=True)``: a dense or convolutional layer reading the model input), zennit's
+    ``EpsilonPlusFlat``."""
+    return _lrp_base(epsilon, stabilizer, zero_bias, R.ZPlus(stabilizer, zero_bias=zero_bias),
+                     f"epsilon_plus_flat("
+                     f"{_args(epsilon=epsilon, stabilizer=stabilizer, zero_bias=zero_bias)})",
+                     ((_FIRST, R.Flat(stabilizer)),))
+
+
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, *,
+                         zero_bias: bool = False) -> Composite:
+    r"""zennit's ``EpsilonAlpha2Beta1``: α-β with α = 2, β = 1 (:class:`~lfp_jax.rules.AlphaBeta`) at
+    convolutions, the ε rule at dense layers (otherwise as :func:`epsilon_plus`)."""
+    return _lrp_base(epsilon, stabilizer, zero_bias,
+                     R.AlphaBeta(stabilizer, zero_bias=zero_bias, alpha=2.0, beta=1.0),
+                     f"epsilon_alpha2_beta1("
+                     f"{_args(epsilon=epsilon, stabilizer=stabilizer, zero_bias=zero_bias)})")
+
+
+def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, *,
+                              zero_bias: bool = False) -> Composite:
+    r""":func:`epsilon_alpha2_beta1` with the flat rule at the first layer, zennit's
+    ``EpsilonAlpha2Beta1Flat``."""
+    return _lrp_base(epsilon, stabilizer, zero_bias,
+                     R.AlphaBeta(stabilizer, zero_bias=zero_bias, alpha=2.0, beta=1.0),
+                     f"epsilon_alpha2_beta1_flat("
+                     f"{_args(epsilon=epsilon, stabilizer=stabilizer, zero_bias=zero_bias)})",
+                     ((_FIRST, R.Flat(stabilizer)),))
+
+
+def epsilon_gamma_box(low: Any = 0.0, high: Any = 1.0, epsilon: float = 1e-6, gamma: float = 0.25,
+                      stabilizer: float = 1e-6, *, zero_bias: bool = False) -> Composite:
+    r"""zennit's ``EpsilonGammaBox``: z^B (:class:`~lfp_jax.rules.ZBox`) with the input bounds
+    ``low ≤ x ≤ high`` at the first convolution, the generalised γ rule (:class:`~lfp_jax.rules.Gamma`)
+    at the other convolutions, the ε rule at dense layers.
+
+    Args:
+      low, high: the lowest and highest possible input values (scalars, or arrays broadcasting against
+        the input, e.g. per channel for normalised images).
+      epsilon: ε of the dense layers' ε rule.
+      gamma: γ of the convolutions' γ rule.
+      stabilizer: ε of every other rule.
+      zero_bias: leave biases out of every rule.
+    """
+    box = R.ZBox(stabilizer, zero_bias=zero_bias, low=low, high=high)
+    bounds = _args(low=low, high=high) if all(isinstance(v, (int, float)) for v in (low, high)) \
+        else "low=<array>, high=<array>"
+    return _lrp_base(epsilon, stabilizer, zero_bias, R.Gamma(stabilizer, zero_bias=zero_bias, gamma=gamma),
+                     f"epsilon_gamma_box({bounds}, "
+                     f"{_args(epsilon=epsilon, gamma=gamma, stabilizer=stabilizer, zero_bias=zero_bias)})",
+                     ((_FIRST_CONV, box),))

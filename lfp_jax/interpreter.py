@@ -20,7 +20,7 @@ from jax.extend import core as jex
 
 from lfp_jax import _compat
 from lfp_jax._graph import Lit, Node
-from lfp_jax.rules import ABSOLUTE, SiteCall, stabilize
+from lfp_jax.rules import ABSOLUTE, SiteCall, safe_divide, stabilize
 from lfp_jax.sites import Plan, Site
 
 
@@ -28,16 +28,28 @@ def evaluate(plan: Plan, args: Sequence[Any]) -> list[Any]:
     """Evaluate ``plan.graph`` on ``args`` with the plan's rules; returns the graph outputs."""
     g = plan.graph
     env: dict[int, Any] = dict(zip(g.inputs, args))
-    stabilized: dict[int, Any] = {}
+    stabilized: dict[Any, Any] = {}
 
-    def read(atom, wrapped: bool = False):
+    def read(atom, wrapped: Any = False):
         if isinstance(atom, Lit):
             return atom.value
-        if not wrapped:
+        if wrapped is False:
             return env[atom]
-        if atom not in stabilized:
-            stabilized[atom] = _boundary(env[atom], plan.stabilize[atom])
-        return stabilized[atom]
+        if wrapped is True:
+            if atom not in stabilized:
+                stabilized[atom] = _boundary(env[atom], plan.stabilize[atom])
+            return stabilized[atom]
+        key = (atom, "R", wrapped[1])  # ("R", ε): the consumer hands R, the producer takes c
+        if key not in stabilized:
+            stabilized[key] = _relevance_boundary(env[atom], wrapped[1])
+        return stabilized[key]
+
+    def mode(i, p):
+        if (i, p) in plan.wrapped_edges:
+            return True
+        if (i, p) in plan.relevance_edges:
+            return ("R", plan.relevance_edges[(i, p)])
+        return False
 
     for step in plan.schedule:
         if isinstance(step, Site):
@@ -49,7 +61,7 @@ def evaluate(plan: Plan, args: Sequence[Any]) -> list[Any]:
                 env[var] = val
             continue
         i, node = step, g.nodes[step]
-        ins = [read(a, (i, p) in plan.wrapped_edges) for p, a in enumerate(node.inputs)]
+        ins = [read(a, mode(i, p)) for p, a in enumerate(node.inputs)]
         outs = _bind(node, ins, plan.subplans.get(i))
         for var, val in zip(node.outputs, outs):
             if var is not None:
@@ -57,34 +69,60 @@ def evaluate(plan: Plan, args: Sequence[Any]) -> list[Any]:
     return [read(o, p in plan.wrapped_outputs) for p, o in enumerate(g.outputs)]
 
 
-def _wrapped_operands(plan: Plan, site: Site) -> list[bool]:
+def _wrapped_operands(plan: Plan, site: Site) -> list[Any]:
+    """Per operand: ``True`` (read through its block boundary), ``("R", ε)`` (the rule hands ``R``
+    and the producer takes ``c``: :func:`_relevance_boundary`) or ``False``."""
     g = plan.graph
-    edges = {g.nodes[r].inputs[p] for r, p in plan.wrapped_edges if r in site.nodes}
-    return [isinstance(a, int) and a in edges for a in site.operands]
+    nodes = set(site.nodes)
+    edges = {g.nodes[r].inputs[p] for r, p in plan.wrapped_edges if r in nodes}
+    relevance = {g.nodes[r].inputs[p]: e for (r, p), e in plan.relevance_edges.items() if r in nodes}
+    out: list[Any] = []
+    for a in site.operands:
+        if isinstance(a, int) and a in relevance:
+            out.append(("R", relevance[a]))
+        else:
+            out.append(isinstance(a, int) and a in edges)
+    return out
 
 
 def _site_call(plan: Plan, site: Site) -> SiteCall:
     g = plan.graph
 
+    def run(operands, nodes, names=frozenset(), given=None):
+        env = dict(given or {})
+        for atom, value in zip(site.operands, operands):
+            env[atom if isinstance(atom, int) else id(atom)] = value
+        for r in nodes:
+            node = g.nodes[r]
+            ins = [env[a] if isinstance(a, int) else env.get(id(a), a.value) for a in node.inputs]
+            outs = _bind(node, ins, None)
+            if node.name in names:
+                outs = [jax.lax.stop_gradient(o) for o in outs]
+            for var, val in zip(node.outputs, outs):
+                if var is not None:
+                    env[var] = val
+        return env
+
     def detached(names: frozenset = frozenset()):
         def fn(*operands):
-            env = {}
-            for atom, value in zip(site.operands, operands):
-                env[atom if isinstance(atom, int) else id(atom)] = value
-            for r in site.nodes:
-                node = g.nodes[r]
-                ins = [env[a] if isinstance(a, int) else env.get(id(a), a.value) for a in node.inputs]
-                outs = _bind(node, ins, None)
-                if node.name in names:
-                    outs = [jax.lax.stop_gradient(o) for o in outs]
-                for var, val in zip(node.outputs, outs):
-                    if var is not None:
-                        env[var] = val
+            env = run(operands, site.nodes, names)
             return tuple(env[v] for v in (site.output,) + site.extras)
 
         return fn
 
-    return SiteCall(site, detached(), site.carries_reward, site.input_epsilon, detached)
+    def stages(k: int):
+        cut = [o for o in g.nodes[site.nodes[k - 1]].outputs if o is not None][0]
+
+        def head(*operands):
+            return run(operands, site.nodes[:k])[cut]
+
+        def tail(value, *operands):
+            return run(operands, site.nodes[k:], given={cut: value})[site.output]
+
+        return head, tail
+
+    return SiteCall(site, detached(), site.carries_reward, site.input_epsilon, detached, stages,
+                    site.relevance_output)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -107,6 +145,30 @@ def _boundary_bwd(epsilon, value, ct):
 
 
 _boundary.defvjp(_boundary_fwd, _boundary_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _relevance_boundary(value: Any, epsilon: float | None) -> Any:
+    """Identity; its backward turns the relevance ``R`` a rule hands to ``value`` into the producer's
+    ``c``: ``R / (y + ε·sign(y))`` at a block output with ε, else ``R / y`` (0 where ``y = 0``)."""
+    return value
+
+
+def _relevance_boundary_fwd(value, epsilon):
+    return value, value
+
+
+def _relevance_boundary_bwd(epsilon, value, ct):
+    if epsilon is ABSOLUTE:
+        return (ct,)
+    if epsilon is None:
+        return (safe_divide(ct, value),)
+    finite = jnp.isfinite(value)
+    safe = jnp.where(finite, value, 1)
+    return (jnp.where(finite, ct / stabilize(safe, epsilon), 0),)
+
+
+_relevance_boundary.defvjp(_relevance_boundary_fwd, _relevance_boundary_bwd)
 
 
 def _bind(node: Node, ins: list[Any], subplans: dict | None) -> list[Any]:

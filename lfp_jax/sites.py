@@ -53,6 +53,7 @@ from lfp_jax._primitives import (
     register_primitive,
 )
 from lfp_jax._regions import find_regions, product_chains
+from lfp_jax.rules import ABSOLUTE, WinnerTakeAll
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,6 +85,11 @@ class Site:
       sources: per reward-carrying operand, the model arguments it depends on (a bit mask).
       hint: what the analysis noticed about a site without a rule (for the error message).
       factors: for a product site, how many input-dependent factors it multiplies (with repeats).
+      first: a linear site whose input is a model input, reached only through moves (reshape,
+        transpose, ...) and elementwise affine operations (an input normalisation): the *first
+        layer* of LRP presets (``Match(first=True)``).
+      relevance_output: an activation whose output receives the relevance ``R`` itself (from a rule
+        that hands ``R``, :attr:`lfp_jax.rules.Rule.returns_relevance`), not ``c``.
     """
 
     kind: str
@@ -109,6 +115,8 @@ class Site:
     sources: tuple[int, ...] = ()
     hint: str = ""
     factors: int = 0
+    first: bool = False  # a linear site reading a model input (through moves and affine ops only)
+    relevance_output: bool = False  # an activation whose output receives R itself (rules that hand R)
 
 
 @dataclasses.dataclass(eq=False)
@@ -125,6 +133,8 @@ class Plan:
     subplans: dict  # node index -> {param key: Plan | tuple[Plan, ...]}
     output_epsilon: dict  # output position -> ε of the block producing it (for the seed)
     schedule: list = dataclasses.field(default_factory=list)  # node indices and Sites, in order
+    relevance_inputs: set = dataclasses.field(default_factory=set)  # input positions receiving R as is
+    relevance_edges: dict = dataclasses.field(default_factory=dict)  # (node, pos) -> ε | None: R -> c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +148,7 @@ class Context:
 def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], composite: Any, *,
             in_eps: list | None = None, wrap_out: list | None = None, in_src: list | None = None,
             in_origin: list | None = None, in_class: list | None = None,
-            leaf_paths: Sequence[str] = ()) -> Plan:
+            leaf_paths: Sequence[str] = (), nested: bool = False) -> Plan:
     """Find the sites of ``graph`` and resolve their rules.
 
     A site the composite has no rule for keeps ``rule=None`` and says why in ``Site.problem``; the
@@ -157,13 +167,15 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
         only, else ``None``; ``leaf_paths`` names the leaves.
       in_class: per input, the :class:`~lfp_jax._dataflow.IndexClass` of an input-dependent integer
         or boolean input (sub-graphs).
+      nested: the graph is the body of a ``scan``/``cond``/``remat`` (its inputs are not the model's).
     """
     context = composite if isinstance(composite, Context) else Context(composite, tuple(leaf_paths))
     n_in, n_out = len(graph.inputs), len(graph.outputs)
     return _Analysis(graph, in_taint, out_relevant, context,
                      list(in_eps) if in_eps is not None else [None] * n_in,
                      list(wrap_out) if wrap_out is not None else [False] * n_out,
-                     in_src, in_origin if in_origin is not None else [None] * n_in, in_class).run()
+                     in_src, in_origin if in_origin is not None else [None] * n_in, in_class,
+                     nested).run()
 
 
 def problems(plan: Plan) -> list[Site]:
@@ -179,8 +191,9 @@ def _position(atoms: tuple, atom: Any) -> int:
 
 class _Analysis(DataFlow):
     def __init__(self, graph: Graph, in_taint, out_relevant, context, in_eps, wrap_out, in_src,
-                 in_origin, in_class):
+                 in_origin, in_class, nested=False):
         super().__init__(graph, in_taint, out_relevant, in_src, in_class)
+        self.nested = nested
         self.rewarded_outputs = {o for o, r in zip(graph.outputs, out_relevant) if r and isinstance(o, int)}
         self.context, self.composite = context, context.composite
         self.in_eps, self.wrap_out = in_eps, wrap_out
@@ -250,8 +263,156 @@ class _Analysis(DataFlow):
         plan.schedule = self._schedule(site_of_node)
         self._site_of_node = site_of_node
         self._attach_parameters(plan, cats)
+        if not self.nested:
+            self._mark_first_layers(sites, cats)
+        for site in sites:
+            site.rule, site.problem = self.composite.lookup(site)
+        if self._merge_affine_tails(plan, cats):
+            plan.schedule = self._schedule(site_of_node)
         place_stabilizers(self, plan, cats, self.context, self.in_eps, self.wrap_out)
+        self._hand_relevance(plan)
         return plan
+
+    # -- classic LRP layers -----------------------------------------------------------------------
+
+    def _mark_first_layers(self, sites: list, cats: dict) -> None:
+        """``Site.first``: linear sites whose input comes from a model input through moves and
+        elementwise affine operations only."""
+        for site in sites:
+            if site.kind != "linear":
+                continue
+            stack = [a for a, c in zip(site.operands, site.carries_reward) if c]
+            reached, seen = bool(stack), set()
+            while stack and reached:
+                a = stack.pop()
+                if a in seen:
+                    continue
+                seen.add(a)
+                p = self.producer.get(a)
+                if p is None:
+                    continue  # a graph input
+                if cats.get(p) not in ("structural", "affine") or p in self._site_of_node:
+                    reached = False
+                stack.extend(self._tin(p))
+            site.first = reached
+
+    def _merge_affine_tails(self, plan: Plan, cats: dict) -> bool:
+        """Extend linear sites whose rule asks for it (:attr:`Rule.merges_affine_tail`) over the chain
+        of elementwise affine operations after them (``+ b``; an eval-mode BatchNorm's ``− μ``, ``·γ/σ``,
+        ``+ β``): each link's only input-dependent operand is the previous link, used nowhere else."""
+        g, changed = self.g, False
+        for site in plan.sites:
+            if (site.kind != "linear" or site.rule is None or len(site.nodes) != 1
+                    or not site.rule.merges_affine_tail):
+                continue
+            chain, v = [], site.output
+            while v not in self.graph_outputs and len(self.uses.get(v, ())) == 1:
+                (j,) = self.uses[v]
+                node = g.nodes[j]
+                if (cats.get(j) != "affine" or j in plan.site_of_node or self._tin(j) != [v]
+                        or list(node.inputs).count(v) != 1 or g.aval(node.outputs[0]).shape != g.aval(v).shape
+                        or g.aval(node.outputs[0]).dtype != g.aval(v).dtype):
+                    break
+                chain.append(j)
+                v = node.outputs[0]
+            if not chain:
+                continue
+            fresh = self._make_site(site.kind, site.label, list(site.nodes) + chain, None, v)
+            for name in ("nodes", "operands", "output", "extras", "primitives", "params",
+                         "operand_positions", "output_positions", "carries_reward", "sources"):
+                setattr(site, name, getattr(fresh, name))
+            for j in chain:
+                plan.site_of_node[j] = site
+            changed = True
+        return changed
+
+    def _hand_relevance(self, plan: Plan) -> None:
+        """Edges into the sites of rules that hand ``R`` itself (:attr:`Rule.returns_relevance`).
+
+        Walking back from each such operand through moves and winner-takes-all pooling, ``R`` reaches
+        a producer that takes it as it is: a model input (its relevance is returned as is), an
+        activation (:attr:`Rule.accepts_relevance`: ``c_x = R / stab(x)``), a site whose output takes
+        ``R`` (:data:`~lfp_jax.rules.ABSOLUTE`). Otherwise the edge where the walk stops converts it:
+        ``c = R / stab(v)`` where a block's ε applies, else ``c = R / v``. Every other use of a value
+        that carries ``R`` converts its ``c`` with ``R = v ⊙ c`` (an ``ABSOLUTE`` boundary).
+        """
+        g = self.g
+        inputs = {v: k for k, v in enumerate(g.inputs)}
+        r_edges: set[tuple[int, int]] = set()
+        r_values: set[int] = set()
+
+        def convert(edge, value, eps):
+            plan.wrapped_edges.discard(edge)
+            plan.relevance_edges[edge] = eps
+
+        def walk(value: int, edge: tuple[int, int]) -> None:
+            while True:
+                r_edges.add(edge)
+                if edge in plan.wrapped_edges:  # a pending block output: its boundary takes R
+                    e = plan.stabilize[value]
+                    if e is ABSOLUTE:
+                        plan.wrapped_edges.discard(edge)
+                    else:
+                        convert(edge, value, e)
+                    return
+                p = self.producer.get(value)
+                if p is None:
+                    if self.nested:
+                        convert(edge, value, None)
+                    else:
+                        r_values.add(value)
+                        plan.relevance_inputs.add(inputs[value])
+                    return
+                site = plan.site_of_node.get(p)
+                if site is not None:
+                    rule = site.rule
+                    if site.output != value:
+                        convert(edge, value, None)
+                    elif site.kind == "activation" and getattr(rule, "accepts_relevance", False):
+                        r_values.add(value)
+                        site.relevance_output = True
+                    elif rule is not None and rule.output_epsilon is ABSOLUTE:
+                        pass
+                    elif (site.kind == "max_pool" and isinstance(rule, WinnerTakeAll)
+                          and sum(site.carries_reward) == 1 and len(site.nodes) == 1):
+                        r_values.add(value)
+                        operand = site.operands[0]
+                        edge = (site.nodes[0], list(g.nodes[site.nodes[0]].inputs).index(operand))
+                        value = operand
+                        continue
+                    else:
+                        convert(edge, value, None)
+                    return
+                node = g.nodes[p]
+                tin = self._tin(p)
+                if (node.name in STRUCTURAL or node.name == "convert_element_type") and len(tin) == 1 \
+                        and not node.subgraphs:
+                    r_values.add(value)
+                    edge, value = (p, list(node.inputs).index(tin[0])), tin[0]
+                    continue
+                convert(edge, value, None)
+                return
+
+        for site in plan.sites:
+            if site.rule is None or not site.rule.returns_relevance:
+                continue
+            for a, carries in zip(site.operands, site.carries_reward):
+                if not (carries and isinstance(a, int)):
+                    continue
+                for r in site.nodes:
+                    for pos, b in enumerate(g.nodes[r].inputs):
+                        if isinstance(b, int) and b == a:
+                            walk(a, (r, pos))
+        for v in r_values:
+            for i in self.uses.get(v, ()):
+                for p, b in enumerate(g.nodes[i].inputs):
+                    if isinstance(b, int) and b == v and (i, p) not in r_edges:
+                        plan.stabilize[v] = ABSOLUTE
+                        plan.wrapped_edges.add((i, p))
+            for pos, o in enumerate(g.outputs):
+                if isinstance(o, int) and o == v:
+                    plan.stabilize[v] = ABSOLUTE
+                    plan.wrapped_outputs.add(pos)
 
     def _factors(self, site: Site) -> int:
         """Input-dependent factors of a product site, counted with repeats (``a * a * b``: 3)."""

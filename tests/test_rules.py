@@ -134,6 +134,18 @@ def _gamma(x, w, r, g=0.25):
     return x * ((r / stab(x @ wg)) @ wg.T)
 
 
+def _gamma_generalized(x, w, r, g=0.25):
+    """Sign-aware γ: positive outputs spread by x⁺(W + γW⁺) + x⁻(W + γW⁻), negative ones by
+    x⁺(W + γW⁻) + x⁻(W + γW⁺); outputs exactly 0 pass nothing."""
+    y = x @ w
+    rel = np.zeros_like(x)
+    for mask, (wa, wb) in (((y > 0), (w + g * _pos(w), w + g * _neg(w))),
+                           ((y < 0), (w + g * _neg(w), w + g * _pos(w)))):
+        s = np.where(mask, r / stab(_pos(x) @ wa + _neg(x) @ wb), 0)
+        rel += _pos(x) * (s @ wa.T) + _neg(x) * (s @ wb.T)
+    return rel
+
+
 def _flat(x, w, r):
     ones = np.ones_like(w)
     return np.ones_like(x) * ((r / stab(np.ones_like(x) @ ones)) @ ones.T)
@@ -162,7 +174,8 @@ def _alphabeta(x, w, r, alpha=2.0, beta=1.0):
 
 @pytest.mark.parametrize("rule,reference", [
     (rules.ZPlus(), _zplus),
-    (rules.Gamma(gamma=0.25), _gamma),
+    (rules.Gamma(gamma=0.25, generalized=False), _gamma),
+    (rules.Gamma(gamma=0.25), _gamma_generalized),
     (rules.Flat(), _flat),
     (rules.WSquare(), _wsquare),
     (rules.ZBox(low=-3.0, high=3.0), _zbox),

@@ -60,6 +60,11 @@ class SiteCall(NamedTuple):
       detached: ``detached(names)`` is a function like ``fn`` in which the outputs of the site's
         primitives named in ``names`` are constants for differentiation (``stop_gradient``), e.g.
         ``{"rsqrt", "sqrt"}`` for a normalisation with ``1/σ`` held constant.
+      stages: ``stages(k) -> (head, tail)`` splits the site after its first ``k`` primitives:
+        ``head(*operands)`` is the output of primitive ``k − 1``, ``tail(value, *operands)`` the site's
+        output with that value in its place (a linear layer and the affine operations after it).
+      relevance_output: the cotangent at the site's output is the relevance ``R`` itself, not ``c``
+        (the site feeds a rule that hands ``R``; only for rules with :attr:`Rule.accepts_relevance`).
     """
 
     site: Any
@@ -67,6 +72,8 @@ class SiteCall(NamedTuple):
     carries_reward: tuple[bool, ...]
     input_epsilon: float | None
     detached: Callable[[frozenset[str]], Callable[..., tuple]] | None = None
+    stages: Callable[[int], tuple[Callable, Callable]] | None = None
+    relevance_output: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +89,19 @@ class Rule:
     """Whether the rule applies the ε of the block feeding its first operand itself (it reads
     ``SiteCall.input_epsilon``) instead of the engine placing a stabiliser on that edge. Activation
     sites always get it this way; other kinds (softmax) when their rule says so."""
+    merges_affine_tail: ClassVar[bool] = False
+    """Whether a linear site given this rule extends over the elementwise affine operations that follow
+    it (``+ b``, an eval-mode BatchNorm's shift and scale), so that the rule sees the merged layer."""
+    returns_relevance: ClassVar[bool] = False
+    """Whether the rule hands the relevance ``R`` itself (not ``c``) to its reward-carrying operands:
+    relevance at values that are exactly 0 is then kept (flat, w², z^B give it by design). The engine
+    converts it where the producer of the operand needs ``c``."""
+    accepts_relevance: ClassVar[bool] = False
+    """Whether the rule (of an activation) can take ``R`` itself at its output
+    (``SiteCall.relevance_output``)."""
+    conservative: ClassVar[bool] = False
+    """Whether the rule conserves relevance up to biases and stabilisers (checked by
+    :func:`lfp_jax.conservation` in strict mode)."""
 
     @property
     def output_epsilon(self) -> float | None:

@@ -43,13 +43,16 @@ class Identity(Rule):
 
     epsilon: float | None = None
     kinds: ClassVar[frozenset[str]] = frozenset({"activation"})
+    accepts_relevance: ClassVar[bool] = True
 
     def __call__(self, call: SiteCall, *operands: Array) -> tuple:
         eps = call.input_epsilon if self.epsilon is None else self.epsilon
+        absolute = call.relevance_output
 
         def backward(ops, outs, ct):
             x, y = ops[0], outs[0]
-            c_x = safe_divide(ct * y, x) if eps is None else ct * y / stabilize(x, eps)
+            r = ct if absolute else ct * y  # R_y (given whole where a rule upstream hands R)
+            c_x = safe_divide(r, x) if eps is None else r / stabilize(x, eps)
             return [c_x] + [None] * (len(ops) - 1)
 
         return with_backward(call, operands, backward, recompute=True)
