@@ -15,6 +15,7 @@ from lfp_jax.api import (
     lrp,
 )
 from lfp_jax.composites import Composite, Match, lfp_epsilon
+from lfp_jax.conservation import ConservationReport, conservation
 from lfp_jax.errors import LFPError
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     "Match",
     "check_params",
     "composites",
+    "conservation",
+    "ConservationReport",
     "describe",
     "errors",
     "find_sites",

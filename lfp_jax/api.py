@@ -48,7 +48,8 @@ from lfp_jax.errors import (
     RewardError,
 )
 from lfp_jax.interpreter import evaluate
-from lfp_jax.rules import ABSOLUTE, safe_divide, stabilize
+from lfp_jax.rules import ABSOLUTE, safe_divide
+from lfp_jax.rules._base import stable_divide
 
 Array = jax.Array
 
@@ -303,7 +304,7 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
             if eps is ABSOLUTE:  # spikes: the reward itself (see rules.ABSOLUTE)
                 seeds.append(r)
             else:
-                seeds.append(safe_divide(r, out) if eps is None else r / stabilize(out, eps))
+                seeds.append(safe_divide(r, out) if eps is None else stable_divide(r, out, eps))
         cts = vjp_fn(seeds)
         result_leaves: list[Any] = [None] * len(t.leaves)
         for k, ct in zip(t.diff, cts):

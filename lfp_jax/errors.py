@@ -29,3 +29,8 @@ class FrozenParameterError(LFPError):
 
 class FrozenParameterWarning(UserWarning):
     """Parameters that are exactly zero and will never move under LFP (see FrozenParameterError)."""
+
+
+class ConservationError(LFPError):
+    """A site whose rule should conserve relevance loses more than the tolerance (strict
+    :func:`lfp_jax.conservation`)."""

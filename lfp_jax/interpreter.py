@@ -20,29 +20,41 @@ from jax.extend import core as jex
 
 from lfp_jax import _compat
 from lfp_jax._graph import Lit, Node
-from lfp_jax.rules import ABSOLUTE, SiteCall, safe_divide, stabilize
+from lfp_jax.rules import ABSOLUTE, SiteCall, safe_divide
+from lfp_jax.rules._base import stable_divide
 from lfp_jax.sites import Plan, Site
 
 
-def evaluate(plan: Plan, args: Sequence[Any]) -> list[Any]:
-    """Evaluate ``plan.graph`` on ``args`` with the plan's rules; returns the graph outputs."""
+def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None) -> list[Any]:
+    """Evaluate ``plan.graph`` on ``args`` with the plan's rules; returns the graph outputs.
+
+    ``taps`` (for :func:`lfp_jax.conservation`) adds zeros whose cotangents are the reward crossing
+    each top-level site: ``taps["out"][v] = (plain, wrapped, relevance)`` are added to the reads of
+    value ``v`` by its consumers (a plain read, one through a block boundary, one through a relevance
+    boundary: on the consumer's side of it), ``taps["in"][(k, j)]`` to operand ``j`` of the ``k``-th
+    site of the schedule as its rule reads it.
+    """
     g = plan.graph
     env: dict[int, Any] = dict(zip(g.inputs, args))
     stabilized: dict[Any, Any] = {}
+    out_taps = taps["out"] if taps else {}
+    in_taps = taps["in"] if taps else {}
+    skip = taps["skip"] if taps else ()
 
-    def read(atom, wrapped: Any = False):
+    def read(atom, wrapped: Any = False, tap: bool = True):
         if isinstance(atom, Lit):
             return atom.value
+        t = out_taps.get(atom) if tap else None
         if wrapped is False:
-            return env[atom]
+            return env[atom] if t is None else env[atom] + t[0]
         if wrapped is True:
             if atom not in stabilized:
                 stabilized[atom] = _boundary(env[atom], plan.stabilize[atom])
-            return stabilized[atom]
+            return stabilized[atom] if t is None else stabilized[atom] + t[1]
         key = (atom, "R", wrapped[1])  # ("R", ε): the consumer hands R, the producer takes c
         if key not in stabilized:
             stabilized[key] = _relevance_boundary(env[atom], wrapped[1])
-        return stabilized[key]
+        return stabilized[key] if t is None else stabilized[key] + t[2]
 
     def mode(i, p):
         if (i, p) in plan.wrapped_edges:
@@ -51,22 +63,29 @@ def evaluate(plan: Plan, args: Sequence[Any]) -> list[Any]:
             return ("R", plan.relevance_edges[(i, p)])
         return False
 
+    k = -1
     for step in plan.schedule:
         if isinstance(step, Site):
-            site = step
+            site, k = step, k + 1
             wrapped = _wrapped_operands(plan, site)
             ops = [read(a, w) for a, w in zip(site.operands, wrapped)]
+            ops = [op + in_taps[(k, j)] if (k, j) in in_taps else op for j, op in enumerate(ops)]
             outs = site.rule(_site_call(plan, site), *ops)
             for var, val in zip((site.output,) + site.extras, outs):
                 env[var] = val
+            if taps is not None:
+                taps["values"][k] = (ops, outs[0])
             continue
         i, node = step, g.nodes[step]
-        ins = [read(a, mode(i, p)) for p, a in enumerate(node.inputs)]
+        tapped = i not in skip
+        ins = [read(a, mode(i, p), tapped) for p, a in enumerate(node.inputs)]
         outs = _bind(node, ins, plan.subplans.get(i))
         for var, val in zip(node.outputs, outs):
             if var is not None:
                 env[var] = val
-    return [read(o, p in plan.wrapped_outputs) for p, o in enumerate(g.outputs)]
+    if taps is not None:
+        taps["moved"] = {v: env[v] for v in out_taps if v in env}
+    return [read(o, p in plan.wrapped_outputs, tap=False) for p, o in enumerate(g.outputs)]
 
 
 def _wrapped_operands(plan: Plan, site: Site) -> list[Any]:
@@ -141,7 +160,7 @@ def _boundary_bwd(epsilon, value, ct):
     # masked attention scores are -inf: they hold no reward (and y / stab(y) would be NaN there)
     finite = jnp.isfinite(value)
     safe = jnp.where(finite, value, 1)
-    return (jnp.where(finite, ct * safe / stabilize(safe, epsilon), 0),)
+    return (jnp.where(finite, stable_divide(ct * safe, safe, epsilon), 0),)
 
 
 _boundary.defvjp(_boundary_fwd, _boundary_bwd)
@@ -165,7 +184,7 @@ def _relevance_boundary_bwd(epsilon, value, ct):
         return (safe_divide(ct, value),)
     finite = jnp.isfinite(value)
     safe = jnp.where(finite, value, 1)
-    return (jnp.where(finite, ct / stabilize(safe, epsilon), 0),)
+    return (jnp.where(finite, stable_divide(ct, safe, epsilon), 0),)
 
 
 _relevance_boundary.defvjp(_relevance_boundary_fwd, _relevance_boundary_bwd)

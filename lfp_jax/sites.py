@@ -376,6 +376,7 @@ class _Analysis(DataFlow):
                     elif (site.kind == "max_pool" and isinstance(rule, WinnerTakeAll)
                           and sum(site.carries_reward) == 1 and len(site.nodes) == 1):
                         r_values.add(value)
+                        site.relevance_output = True  # R is routed to the winner as it is
                         operand = site.operands[0]
                         edge = (site.nodes[0], list(g.nodes[site.nodes[0]].inputs).index(operand))
                         value = operand

@@ -17,6 +17,14 @@ def stabilize(z: Array, epsilon: float) -> Array:
     return z + jnp.where(z >= 0, epsilon, -epsilon).astype(z.dtype)
 
 
+def stable_divide(a: Array, z: Array, epsilon: float) -> Array:
+    r"""``a / (z + ε·sign(z))``; for ``ε = 0`` the plain ``a / z``, 0 where ``z = 0`` (LRP-0: no NaN where
+    a unit is silent)."""
+    if epsilon == 0:
+        return safe_divide(a, z)
+    return a / stabilize(z, epsilon)
+
+
 class _Absolute:
     """The marker :data:`ABSOLUTE`."""
 

@@ -104,6 +104,7 @@ class UniformProduct(Rule):
 
     epsilon: float | None = 1e-6
     kinds: ClassVar[frozenset[str]] = frozenset({"bilinear"})
+    conservative: ClassVar[bool] = True
 
     @property
     def output_epsilon(self) -> float | None:

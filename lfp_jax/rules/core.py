@@ -9,7 +9,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from lfp_jax.rules._base import Array, Rule, SiteCall, safe_divide, stabilize, with_backward
+from lfp_jax.rules._base import Array, Rule, SiteCall, safe_divide, stable_divide, with_backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Epsilon(Rule):
 
     epsilon: float = 1e-6
     kinds: ClassVar[frozenset[str]] = frozenset({"linear", "sum", "pool", "normalization"})
+    merges_affine_tail: ClassVar[bool] = True  # the site is the layer with its bias (same numbers)
+    conservative: ClassVar[bool] = True
 
     @property
     def output_epsilon(self) -> float:
@@ -44,6 +46,7 @@ class Identity(Rule):
     epsilon: float | None = None
     kinds: ClassVar[frozenset[str]] = frozenset({"activation"})
     accepts_relevance: ClassVar[bool] = True
+    conservative: ClassVar[bool] = True
 
     def __call__(self, call: SiteCall, *operands: Array) -> tuple:
         eps = call.input_epsilon if self.epsilon is None else self.epsilon
@@ -52,7 +55,7 @@ class Identity(Rule):
         def backward(ops, outs, ct):
             x, y = ops[0], outs[0]
             r = ct if absolute else ct * y  # R_y (given whole where a rule upstream hands R)
-            c_x = safe_divide(r, x) if eps is None else r / stabilize(x, eps)
+            c_x = safe_divide(r, x) if eps is None else stable_divide(r, x, eps)
             return [c_x] + [None] * (len(ops) - 1)
 
         return with_backward(call, operands, backward, recompute=True)
@@ -89,6 +92,7 @@ class WinnerTakeAll(Rule):
     """
 
     kinds: ClassVar[frozenset[str]] = frozenset({"max_pool", "max"})
+    conservative: ClassVar[bool] = True
 
     def __call__(self, call: SiteCall, *operands: Array) -> tuple:
         if call.site.kind == "max":
@@ -163,6 +167,10 @@ class Dropout(Rule):
 
     rescale: bool = True
     kinds: ClassVar[frozenset[str]] = frozenset({"dropout"})
+
+    @property
+    def conservative(self) -> bool:  # type: ignore[override]
+        return not self.rescale
 
     def __call__(self, call: SiteCall, *operands: Array) -> tuple:
         if not self.rescale:

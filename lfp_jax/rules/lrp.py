@@ -35,7 +35,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lfp_jax.rules._base import ABSOLUTE, Array, Rule, SiteCall, stabilize, with_backward
+from lfp_jax.rules._base import ABSOLUTE, Array, Rule, SiteCall, stable_divide, with_backward
 
 
 def _pos(a: Array) -> Array:
@@ -182,7 +182,7 @@ class LinearRule(Rule):
         for group in self.groups(x, y):
             inputs = list(group.inputs)
             z, vjp = jax.vjp(lambda us, ps, g=group: g.z(layer(ps), us), inputs, params)
-            s = relevance / stabilize(z, self.epsilon)
+            s = stable_divide(relevance, z, self.epsilon)
             if group.mask is not None:
                 s = jnp.where(group.mask, s, 0)
             ct_us, ct_ps = vjp(s)
