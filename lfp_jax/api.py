@@ -251,7 +251,9 @@ def lfp_vjp(
       ``(outputs, feedback_fn)`` or ``(outputs, feedback_fn, aux)``. ``feedback_fn(reward)``, with
       ``reward`` shaped like ``outputs``, returns one entry per primal: for parameter arguments the
       feedback ``|θ| ⊙ J_θᵀ s`` (same pytree, summed over the batch); for input arguments the input
-      relevance ``x ⊙ c_x`` (``None`` for integer and static leaves); ``None`` for constant arguments.
+      relevance ``x ⊙ c_x``, or ``R`` itself where the input's layer hands it whole (classic rules:
+      flat, w², z^B keep relevance at inputs that are 0), ``None`` for integer and static leaves;
+      ``None`` for constant arguments.
 
     Raises:
       NoRuleError: sites that no rule of ``composite`` covers, all of them in one table.
@@ -631,7 +633,10 @@ def lrp(fun: Callable, composite: Composite | None = None, *,
 
     The relevance of the inputs ``args[argnums]`` for the output relevance ``target`` under the rules
     of ``composite`` (default :func:`~lfp_jax.composites.attn_lrp`): ``R_x = x ⊙ c_x``, with ``c``
-    carried back from ``c_z = target / (z + ε·sign(z))`` at the outputs ``z``. Every other argument is
+    carried back from ``c_z = target / (z + ε·sign(z))`` at the outputs ``z``, or the relevance itself
+    where the input's layer hands it whole (classic rules such as flat, w², z^B: inputs that are exactly
+    0 keep their relevance). Zennit's presets are in :mod:`lfp_jax.composites` (``epsilon_plus``, ...);
+    :func:`lfp_jax.conservation` shows where relevance goes, site by site. Every other argument is
     a constant (parameters included: no feedback is computed); ``fun`` may close over its parameters.
     Works under ``jit`` and ``vmap``.
 
@@ -707,10 +712,10 @@ def describe(fun: Callable, *args: Any, composite: Composite | None = None,
     MLP::
 
         composite: lfp_epsilon(epsilon=1e-06)
-           kind        label  rule            module       primitives   source
-        0  linear      dense  Epsilon(1e-06)  MLP/Dense_0  dot_general  model.py:12 (MLP.__call__)
-        1  activation  relu   Identity()      MLP          max          model.py:13 (MLP.__call__)
-        2  linear      dense  Epsilon(1e-06)  MLP/Dense_1  dot_general  model.py:14 (MLP.__call__)
+           kind        label  rule            module       primitives       source
+        0  linear      dense  Epsilon(1e-06)  MLP/Dense_0  dot_general+add  model.py:12 (MLP.__call__)
+        1  activation  relu   Identity()      MLP          max              model.py:13 (MLP.__call__)
+        2  linear      dense  Epsilon(1e-06)  MLP/Dense_1  dot_general+add  model.py:14 (MLP.__call__)
         3 sites
     """
     composite = lfp_epsilon() if composite is None else composite

@@ -29,10 +29,11 @@ rule                  site kinds              backward
                                               or the conservative ``R_x = mask ⊙ R_y``
 :class:`SpikingEpsilon` spiking (LIF step)   membrane-based normaliser, reward handed to the
                                               previous membrane, Heaviside bypassed
-:class:`ZPlus`,       linear                  classic LRP rules as *terms* of a modified
-:class:`Gamma`,                               forward pass (see :class:`LinearRule`)
-:class:`AlphaBeta`,
-:class:`Flat`,
+:class:`LinearRule`,  linear                  classic LRP rules as zennit 0.5 defines them, on
+:class:`ZPlus`,                               the whole layer (bias and eval-mode BatchNorm
+:class:`Gamma`,                               merged in) as *groups* of a modified forward pass;
+:class:`AlphaBeta`,                           they receive ``R`` at their output and hand ``R``
+:class:`Flat`,                                to their input (:mod:`lfp_jax.rules.lrp`)
 :class:`WSquare`,
 :class:`ZBox`
 ====================  ======================  ===============================================
