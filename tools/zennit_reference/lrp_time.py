@@ -140,7 +140,9 @@ def bench(batch: int, repeats: int, min_seconds: float) -> dict:
                 times[m].append(time.perf_counter() - t)
     med = {m: float(np.median(v)) for m, v in times.items()}
     rows = [{"framework": "torch", "method": m, "label": LABELS[m], "batch": batch, "ms": 1e3 * med[m],
-             "ratio_to_grad": med[m] / med["grad"], "first_ms": 1e3 * first[m], "repeats": len(times[m])}
+             "ratio_to_grad": med[m] / med["grad"], "first_ms": 1e3 * first[m], "repeats": len(times[m]),
+             "q25_ms": 1e3 * float(np.quantile(times[m], 0.25)),
+             "q75_ms": 1e3 * float(np.quantile(times[m], 0.75))}
             for m in METHODS]
     return {"rows": rows}
 
@@ -155,11 +157,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=os.path.join(root, "benchmarks", "results", "lrp_zennit_cpu.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()
     result = bench(args.batch, args.repeats, args.min_seconds)
     result["environment"] = {
         "torch": torch.__version__, "zennit": md.version("zennit"), "threads": torch.get_num_threads(),
         "python": platform.python_version(), "cpu_count": os.cpu_count(), "processor": platform.processor(),
-        "date": datetime.date.today().isoformat(), "loadavg_after": os.getloadavg()}
+        "date": datetime.date.today().isoformat(), "loadavg_before": load,
+        "loadavg_after": os.getloadavg()}
     print("| method | batch | median ms | / torch grad | first call ms |\n|---|---|---|---|---|")
     for r in result["rows"]:
         print(f"| {r['label']} | {r['batch']} | {r['ms']:.2f} | {r['ratio_to_grad']:.2f} | "
