@@ -126,13 +126,13 @@ def place_stabilizers(flow, plan, cats: dict, context, in_eps: list, wrap_out: l
             plan.wrapped_outputs.add(pos)
         else:
             plan.output_epsilon[pos] = e
-    _normalize_spikes_in_rules(flow, plan)
 
 
-def _normalize_spikes_in_rules(flow, plan) -> None:
+def normalize_spikes_in_rules(flow, plan) -> None:
     """Spikes whose every use converts them to the normalised form (``c ← c · y``) are converted by
     their spiking rule instead (``Site.normalized_output``): the same numbers without a stabiliser
-    node that keeps its own copy of the spikes for the backward pass."""
+    node that keeps its own copy of the spikes for the backward pass. Runs after the relevance edges
+    are known (spikes handed ``R`` by a classic rule keep it as is)."""
     g = flow.g
     for site in plan.sites:
         v = site.output
@@ -181,9 +181,11 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, context) -> None:
     origin = [flow.origin.get(a) if isinstance(a, int) else None for a in node.inputs]
     classes = [flow.classes.get(a) if isinstance(a, int) else None for a in node.inputs]
 
-    def _subplan(graph, taint, in_eps, wrap_out, skip=0):
+    first = [isinstance(a, int) and flow.reads_model_input(a) for a in node.inputs]
+
+    def _subplan(graph, taint, in_eps, wrap_out, skip=0, in_first=None, in_relevance=None):
         return _analyse_sub(graph, taint, context, in_eps, wrap_out, src[skip:], origin[skip:],
-                            classes[skip:])
+                            classes[skip:], in_first, in_relevance)
 
     if node.name in _compat.WHILE:
         raise UnsupportedControlFlowError(
@@ -200,28 +202,32 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, context) -> None:
             wrap(i, pos, node.inputs[pos])
             in_eps[pos] = None
         wrap_out = [k < n_carry for k in range(n_out)]
-        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, wrap_out)
+        scan_first = [f and not n_consts <= k < n_consts + n_carry for k, f in enumerate(first)]
+        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, wrap_out, in_first=scan_first)
         # Spikes stacked as outputs (ABSOLUTE) that only feed other layers are converted to the
         # normalised form inside the body, step by step, by the spiking rule itself (see below).
         inside = [k for k in range(n_carry, n_out) if body.output_epsilon.get(k) is ABSOLUTE
                   and not _reaches_output(flow, node.outputs[k])]
         if inside:
             wrap_out = [w or k in inside for k, w in enumerate(wrap_out)]
-            body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, wrap_out)
+            body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, wrap_out,
+                            in_first=scan_first)
         plan.subplans[i] = {"jaxpr": body}
         outs = [body.output_epsilon.get(k) for k in range(n_out)]
     elif node.name in _compat.COND:
         branches = node.subgraphs["branches"]
-        plans = [_subplan(b, sub_in["branches"], in_eps[1:], [False] * n_out, skip=1)
+        plans = [_subplan(b, sub_in["branches"], in_eps[1:], [False] * n_out, skip=1, in_first=first[1:])
                  for b in branches]
         agree = [len({p.output_epsilon.get(k) for p in plans}) == 1 for k in range(n_out)]
         if not all(agree):
-            plans = [_subplan(b, sub_in["branches"], in_eps[1:], [not a for a in agree], skip=1)
-                     for b in branches]
+            plans = [_subplan(b, sub_in["branches"], in_eps[1:], [not a for a in agree], skip=1,
+                              in_first=first[1:]) for b in branches]
         plan.subplans[i] = {"branches": tuple(plans)}
         outs = [plans[0].output_epsilon.get(k) for k in range(n_out)]
     else:  # remat
-        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, [False] * n_out)
+        # remat: a rule inside that hands R to a body input hands it on to the operand outside
+        body = _subplan(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_eps, [False] * n_out,
+                        in_first=first, in_relevance=[True] * len(node.inputs))
         plan.subplans[i] = {"jaxpr": body}
         outs = [body.output_epsilon.get(k) for k in range(n_out)]
     for o, e in zip(node.outputs, outs):
@@ -234,9 +240,9 @@ _BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear",
 
 
 def _analyse_sub(graph: Graph, taint: list[bool], context: Any, in_eps: list, wrap_out: list,
-                 in_src: list, in_origin: list, in_class: list) -> Any:
+                 in_src: list, in_origin: list, in_class: list, in_first=None, in_relevance=None) -> Any:
     from lfp_jax.sites import analyse  # sites imports this module
 
     return analyse(graph, taint, output_taint(graph, taint), context, in_eps=in_eps,
                    wrap_out=wrap_out, in_src=in_src, in_origin=in_origin, in_class=in_class,
-                   nested=True)
+                   nested=True, in_first=in_first, in_relevance=in_relevance)

@@ -253,7 +253,7 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
 def _absorbers(site: Any, plan: Any) -> str:
     """What in the site can take relevance: its bias, its ε, the ε of the block below."""
     rule, parts = site.rule, []
-    adds = any(p in ("add", "sub") for p in site.primitives[1:])
+    adds = any(p in ("add", "sub") for p in site.primitives[getattr(site, "head", 1):])
     if site.kind == "linear" and adds and not getattr(rule, "zero_bias", False) \
             and type(rule).__name__ not in ("Flat", "ZBox"):
         parts.append("bias")

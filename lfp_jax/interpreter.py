@@ -79,7 +79,11 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None) -> list[
         i, node = step, g.nodes[step]
         tapped = i not in skip
         ins = [read(a, mode(i, p), tapped) for p, a in enumerate(node.inputs)]
-        outs = _bind(node, ins, plan.subplans.get(i))
+        if i in plan.relevance_pass:
+            outs = _pass_relevance(node, ins, [p for p, a in enumerate(node.inputs)
+                                               if isinstance(a, int) and a in plan.tainted])
+        else:
+            outs = _bind(node, ins, plan.subplans.get(i))
         for var, val in zip(node.outputs, outs):
             if var is not None:
                 env[var] = val
@@ -182,12 +186,28 @@ def _relevance_boundary_bwd(epsilon, value, ct):
         return (ct,)
     if epsilon is None:
         return (safe_divide(ct, value),)
-    finite = jnp.isfinite(value)
-    safe = jnp.where(finite, value, 1)
-    return (jnp.where(finite, stable_divide(ct, safe, epsilon), 0),)
+    # where y = 0 the producer's R = y ⊙ c is 0 whatever c is; R / ε would overflow half precision
+    keep = jnp.isfinite(value) & (value != 0) if value.dtype == jnp.float16 else jnp.isfinite(value)
+    safe = jnp.where(keep, value, 1)
+    return (jnp.where(keep, stable_divide(ct, safe, epsilon), 0),)
 
 
 _relevance_boundary.defvjp(_relevance_boundary_fwd, _relevance_boundary_bwd)
+
+
+def _pass_relevance(node: Node, ins: list[Any], tainted: list[int]) -> list[Any]:
+    """An elementwise affine node (``(x − μ)/σ``) between a model input and a rule that hands ``R``:
+    its value as usual, the relevance passed back unchanged (``R_x = R_y``)."""
+    (k,) = tainted
+
+    @jax.custom_vjp
+    def node_fn(x):
+        args = list(ins)
+        args[k] = x
+        return _bind(node, args, None)[0]
+
+    node_fn.defvjp(lambda x: (node_fn(x), None), lambda _, ct: (ct,))
+    return [node_fn(ins[k])]
 
 
 def _bind(node: Node, ins: list[Any], subplans: dict | None) -> list[Any]:

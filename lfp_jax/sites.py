@@ -39,7 +39,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lfp_jax._blocks import place_stabilizers
+from lfp_jax import _compat
+from lfp_jax._blocks import normalize_spikes_in_rules, place_stabilizers
 from lfp_jax._dataflow import DataFlow, output_taint, param_origins
 from lfp_jax._graph import Graph, Lit, is_float
 from lfp_jax._primitives import (
@@ -116,6 +117,7 @@ class Site:
     hint: str = ""
     factors: int = 0
     first: bool = False  # a linear site reading a model input (through moves and affine ops only)
+    head: int = 1  # a merged linear site: its linear part is nodes[:head] (the primitive and moves)
     relevance_output: bool = False  # an activation whose output receives R itself (rules that hand R)
 
 
@@ -135,6 +137,7 @@ class Plan:
     schedule: list = dataclasses.field(default_factory=list)  # node indices and Sites, in order
     relevance_inputs: set = dataclasses.field(default_factory=set)  # input positions receiving R as is
     relevance_edges: dict = dataclasses.field(default_factory=dict)  # (node, pos) -> ε | None: R -> c
+    relevance_pass: set = dataclasses.field(default_factory=set)  # affine nodes passing R unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +151,8 @@ class Context:
 def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], composite: Any, *,
             in_eps: list | None = None, wrap_out: list | None = None, in_src: list | None = None,
             in_origin: list | None = None, in_class: list | None = None,
-            leaf_paths: Sequence[str] = (), nested: bool = False) -> Plan:
+            leaf_paths: Sequence[str] = (), nested: bool = False, in_first: list | None = None,
+            in_relevance: list | None = None) -> Plan:
     """Find the sites of ``graph`` and resolve their rules.
 
     A site the composite has no rule for keeps ``rule=None`` and says why in ``Site.problem``; the
@@ -168,6 +172,10 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
       in_class: per input, the :class:`~lfp_jax._dataflow.IndexClass` of an input-dependent integer
         or boolean input (sub-graphs).
       nested: the graph is the body of a ``scan``/``cond``/``remat`` (its inputs are not the model's).
+      in_first: per input of a body, whether it is read from a model input through moves and affine
+        operations only (for ``Match(first=True)``).
+      in_relevance: per input of a body, whether a rule inside may hand ``R`` itself to it (the
+        enclosing graph then carries it on: ``Plan.relevance_inputs``).
     """
     context = composite if isinstance(composite, Context) else Context(composite, tuple(leaf_paths))
     n_in, n_out = len(graph.inputs), len(graph.outputs)
@@ -175,7 +183,7 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
                      list(in_eps) if in_eps is not None else [None] * n_in,
                      list(wrap_out) if wrap_out is not None else [False] * n_out,
                      in_src, in_origin if in_origin is not None else [None] * n_in, in_class,
-                     nested).run()
+                     nested, in_first, in_relevance).run()
 
 
 def problems(plan: Plan) -> list[Site]:
@@ -191,9 +199,10 @@ def _position(atoms: tuple, atom: Any) -> int:
 
 class _Analysis(DataFlow):
     def __init__(self, graph: Graph, in_taint, out_relevant, context, in_eps, wrap_out, in_src,
-                 in_origin, in_class, nested=False):
+                 in_origin, in_class, nested=False, in_first=None, in_relevance=None):
         super().__init__(graph, in_taint, out_relevant, in_src, in_class)
         self.nested = nested
+        self.in_first, self.in_relevance = in_first, in_relevance
         self.rewarded_outputs = {o for o, r in zip(graph.outputs, out_relevant) if r and isinstance(o, int)}
         self.context, self.composite = context, context.composite
         self.in_eps, self.wrap_out = in_eps, wrap_out
@@ -263,14 +272,15 @@ class _Analysis(DataFlow):
         plan.schedule = self._schedule(site_of_node)
         self._site_of_node = site_of_node
         self._attach_parameters(plan, cats)
-        if not self.nested:
+        if not self.nested or self.in_first is not None:
             self._mark_first_layers(sites, cats)
         for site in sites:
             site.rule, site.problem = self.composite.lookup(site)
         if self._merge_affine_tails(plan, cats):
             plan.schedule = self._schedule(site_of_node)
         place_stabilizers(self, plan, cats, self.context, self.in_eps, self.wrap_out)
-        self._hand_relevance(plan)
+        self._hand_relevance(plan, cats)
+        normalize_spikes_in_rules(self, plan)
         return plan
 
     # -- classic LRP layers -----------------------------------------------------------------------
@@ -289,12 +299,37 @@ class _Analysis(DataFlow):
                     continue
                 seen.add(a)
                 p = self.producer.get(a)
-                if p is None:
-                    continue  # a graph input
+                if p is None:  # a graph input: the model's, or a body input read from one
+                    reached = reached and self._is_model_input(a)
+                    continue
                 if cats.get(p) not in ("structural", "affine") or p in self._site_of_node:
                     reached = False
                 stack.extend(self._tin(p))
             site.first = reached
+
+    def _is_model_input(self, v: int) -> bool:
+        if not self.nested:
+            return True
+        k = self.g.inputs.index(v)
+        return bool(self.in_first and self.in_first[k])
+
+    def reads_model_input(self, a: int) -> bool:
+        """Whether value ``a`` is a model input, or computed from one by moves and affine operations."""
+        stack, seen = [a], set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            p = self.producer.get(v)
+            if p is None:
+                if v not in self.tainted or not self._is_model_input(v):
+                    return False
+                continue
+            if category(self, p) not in ("structural", "affine") or p in getattr(self, "_site_of_node", {}):
+                return False
+            stack.extend(self._tin(p))
+        return True
 
     def _merge_affine_tails(self, plan: Plan, cats: dict) -> bool:
         """Extend linear sites whose rule asks for it (:attr:`Rule.merges_affine_tail`) over the chain
@@ -305,31 +340,39 @@ class _Analysis(DataFlow):
             if (site.kind != "linear" or site.rule is None or len(site.nodes) != 1
                     or not site.rule.merges_affine_tail):
                 continue
-            chain, v = [], site.output
+            chain, v, moves = [], site.output, 0
             while v not in self.graph_outputs and len(self.uses.get(v, ())) == 1:
                 (j,) = self.uses[v]
                 node = g.nodes[j]
-                if (cats.get(j) != "affine" or j in plan.site_of_node or self._tin(j) != [v]
-                        or list(node.inputs).count(v) != 1 or g.aval(node.outputs[0]).shape != g.aval(v).shape
-                        or g.aval(node.outputs[0]).dtype != g.aval(v).dtype):
+                if j in plan.site_of_node or self._tin(j) != [v] or list(node.inputs).count(v) != 1 \
+                        or len(node.outputs) != 1 or g.aval(node.outputs[0]).dtype != g.aval(v).dtype:
+                    break
+                if cats.get(j) == "structural" and node.name in ("transpose", "reshape") \
+                        and moves == len(chain):  # (W.T @ x.T).T + b, equinox's Linear under vmap
+                    moves += 1
+                elif cats.get(j) != "affine" or g.aval(node.outputs[0]).shape != g.aval(v).shape:
                     break
                 chain.append(j)
                 v = node.outputs[0]
+            chain = chain if len(chain) > moves else []
             if not chain:
                 continue
             fresh = self._make_site(site.kind, site.label, list(site.nodes) + chain, None, v)
             for name in ("nodes", "operands", "output", "extras", "primitives", "params",
                          "operand_positions", "output_positions", "carries_reward", "sources"):
                 setattr(site, name, getattr(fresh, name))
+            site.head = 1 + moves
             for j in chain:
                 plan.site_of_node[j] = site
             changed = True
         return changed
 
-    def _hand_relevance(self, plan: Plan) -> None:
+    def _hand_relevance(self, plan: Plan, cats: dict) -> None:
         """Edges into the sites of rules that hand ``R`` itself (:attr:`Rule.returns_relevance`).
 
-        Walking back from each such operand through moves and winner-takes-all pooling, ``R`` reaches
+        Walking back from each such operand through moves, elementwise affine operations that are in no
+        block (an input normalisation ``(x − μ)/σ``: the relevance of a value is that of its image) and
+        winner-takes-all pooling, ``R`` reaches
         a producer that takes it as it is: a model input (its relevance is returned as is), an
         activation (:attr:`Rule.accepts_relevance`: ``c_x = R / stab(x)``), a site whose output takes
         ``R`` (:data:`~lfp_jax.rules.ABSOLUTE`). Otherwise the edge where the walk stops converts it:
@@ -357,8 +400,8 @@ class _Analysis(DataFlow):
                     return
                 p = self.producer.get(value)
                 if p is None:
-                    if self.nested:
-                        convert(edge, value, None)
+                    if self.nested and not (self.in_relevance and self.in_relevance[inputs[value]]):
+                        convert(edge, value, None)  # scan/cond bodies: c = R / x at the body input
                     else:
                         r_values.add(value)
                         plan.relevance_inputs.add(inputs[value])
@@ -386,14 +429,23 @@ class _Analysis(DataFlow):
                     return
                 node = g.nodes[p]
                 tin = self._tin(p)
-                if (node.name in STRUCTURAL or node.name == "convert_element_type") and len(tin) == 1 \
-                        and not node.subgraphs:
+                if (node.name in STRUCTURAL or node.name == "convert_element_type"
+                        or cats.get(p) == "affine") and len(tin) == 1 and not node.subgraphs:
+                    if cats.get(p) == "affine":
+                        plan.relevance_pass.add(p)  # R_x = R_y: evaluated with an identity VJP
                     r_values.add(value)
                     edge, value = (p, list(node.inputs).index(tin[0])), tin[0]
                     continue
                 convert(edge, value, None)
                 return
 
+        for i, subs in plan.subplans.items():  # a remat body handing R to its inputs
+            body = subs.get("jaxpr") if g.nodes[i].name in _compat.REMAT else None
+            if isinstance(body, Plan):
+                for k in sorted(body.relevance_inputs):
+                    a = g.nodes[i].inputs[k]
+                    if isinstance(a, int):
+                        walk(a, (i, k))
         for site in plan.sites:
             if site.rule is None or not site.rule.returns_relevance:
                 continue

@@ -203,3 +203,40 @@ def test_with_rules_names_what_changed():
     composite = lfp_jax.lfp_epsilon().with_rules((Match(kind="linear", label="conv"), rules.ZPlus()))
     assert composite.name == ("lfp_epsilon(epsilon=1e-06).with_rules(Match(kind='linear', label='conv') "
                               "-> ZPlus(1e-06))")
+
+
+def _flat_first():
+    return composites.attn_lrp().with_rules((Match(kind="linear", first=True), rules.Flat(0.0)))
+
+
+def test_a_bias_after_a_transposed_product_is_part_of_the_layer():
+    """(Wᵀ xᵀ)ᵀ + b, as equinox's Linear lowers under vmap: z⁺ still puts b⁺ into z⁺ (the issue's example)."""
+    fun = lambda p, x: (p["w"].T @ x.T).T + p["b"]  # noqa: E731
+    params = {"w": jnp.array([[1.0], [-1.0]]), "b": jnp.array([-0.5 + 1e-4])}
+    _, rel = lfp_jax.lrp(fun, _on_linear(rules.ZPlus()))(params, jnp.array([[1.0, 0.5]]),
+                                                         target=jnp.ones((1, 1)))
+    np.testing.assert_allclose(rel, [[1 / (1 + 1e-6), 0.0]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "checkpoint"])
+def test_flat_first_layer_after_an_input_normalisation_and_under_remat(wrap):
+    """Relevance of the normalised pixels passes to the raw pixels unchanged, zeros included, also when the
+    model is wrapped in jax.checkpoint (the first layer is found inside the body)."""
+    def fun(w, x):
+        return ((x - 0.5) / 0.25) @ w
+
+    fun = jax.checkpoint(fun) if wrap == "checkpoint" else fun
+    w, x = jnp.array([[1.0], [-2.0], [3.0]]), jnp.array([[0.0, 0.49, 1.0]])
+    found = lfp_jax.find_sites(fun, w, x, composite=_flat_first())
+    assert [(s.kind, s.first, type(s.rule).__name__) for s in found] == [("linear", True, "Flat")]
+    _, rel = lfp_jax.lrp(fun, _flat_first())(w, x, target=jnp.ones((1, 1)))
+    np.testing.assert_allclose(rel, [[1 / 3, 1 / 3, 1 / 3]], rtol=1e-12)
+
+
+def test_half_precision_zplus_on_a_black_receptive_field_stays_finite():
+    fun = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731
+    params = {"w": jnp.array([[1.0, -1.0], [-1.0, 1.0]], jnp.float16),
+              "b": jnp.array([-0.5, 0.0], jnp.float16)}
+    _, rel = lfp_jax.lrp(fun, _on_linear(rules.ZPlus()))(params, jnp.zeros((1, 2), jnp.float16),
+                                                       target=jnp.ones((1, 2), jnp.float16))
+    np.testing.assert_array_equal(np.asarray(rel, np.float32), [[0.0, 0.0]])

@@ -183,6 +183,8 @@ class LinearRule(Rule):
             inputs = list(group.inputs)
             z, vjp = jax.vjp(lambda us, ps, g=group: g.z(layer(ps), us), inputs, params)
             s = stable_divide(relevance, z, self.epsilon)
+            if z.dtype == jnp.float16:  # R / ε overflows half precision where z = 0 (no contributions)
+                s = jnp.where(z == 0, 0, s)
             if group.mask is not None:
                 s = jnp.where(group.mask, s, 0)
             ct_us, ct_ps = vjp(s)
@@ -195,10 +197,11 @@ def _stages(call: SiteCall):
     """``head(x, w, *rest)``: the bare linear primitive; ``tail(o, *params)``: the affine operations
     after it inside the site (``None`` when the site is the primitive alone), and whether they scale
     the linear output (anything but adding a bias)."""
-    if call.stages is None or len(call.site.nodes) == 1:
+    k = getattr(call.site, "head", 1)
+    if call.stages is None or len(call.site.nodes) == k:
         return (lambda a, *ps: call.fn(a, *ps)[0]), None, False
-    head, tail = call.stages(1)
-    scales = any(p != "add" for p in call.site.primitives[1:])
+    head, tail = call.stages(k)
+    scales = any(p != "add" for p in call.site.primitives[k:])
     return (lambda a, *ps: head(a, *ps)), (lambda o, *ps: tail(o, None, *ps)), scales
 
 
