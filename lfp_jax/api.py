@@ -160,7 +160,10 @@ class _Traced:
         self.plan = sites.analyse(
             self.graph, self.in_taint, self.primary, composite,
             in_src=[1 << self.positions[k] for k in self.owner],
-            in_origin=[(frozenset({j}), frozenset()) if p else None for j, p in enumerate(self.is_param)],
+            # explanations (no parameter arguments): the constant arguments hold the weights, and
+            # name the sites for Match(path=...) as parameters do
+            in_origin=[(frozenset({j}), frozenset()) if p or (not self.argnums and not i) else None
+                       for j, (p, i) in enumerate(zip(self.is_param, self.is_input))],
             leaf_paths=leaf_names)
         self._refuse_mixed_products()
         if strict:

@@ -261,7 +261,7 @@ def _absorbers(site: Any, plan: Any) -> str:
     if isinstance(eps, (int, float)) and eps > 0:
         parts.append(f"ε={eps:g}")
     elif eps == 0:
-        parts.append("outputs that are 0")
+        parts.append("denominators that are 0")
     elif site.input_epsilon:
         parts.append(f"ε={site.input_epsilon:g} of the block below")
     boundary = plan.stabilize.get(site.output)

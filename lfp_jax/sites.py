@@ -22,7 +22,9 @@ every primitive through which reward can flow, what it is part of:
   a **softmax**. A product of two independent input-dependent values is a **bilinear** site.
 * **blocks**: a mixing primitive starts a block that extends through following affine and structural
   primitives (``x @ W`` then ``+ b``); the ε stabiliser of its rule is applied where the block output
-  enters another block.
+  enters another block. A linear site whose rule asks for it (``Rule.merges_affine_tail``: LFP-ε and
+  the classic LRP rules) includes the bias and eval-mode normalisation after it; the classic rules
+  apply their stabiliser to that layer's own output and take ``R`` there (``rules.ABSOLUTE``).
 
 Every input-dependent primitive ends up in a site, in a block, or in an error that names it and the
 user's source line. Unknown primitives can be declared with :func:`register_primitive`.
@@ -88,7 +90,8 @@ class Site:
       factors: for a product site, how many input-dependent factors it multiplies (with repeats).
       first: a linear site whose input is a model input, reached only through moves (reshape,
         transpose, ...) and elementwise affine operations (an input normalisation): the *first
-        layer* of LRP presets (``Match(first=True)``).
+        layer* of LRP presets (``Match(first=True)``); inside ``scan``/``cond``/``remat`` bodies, one
+        reading a body input that is read so from a model input (not a scan carry).
       relevance_output: an activation whose output receives the relevance ``R`` itself (from a rule
         that hands ``R``, :attr:`lfp_jax.rules.Rule.returns_relevance`), not ``c``.
     """

@@ -240,3 +240,14 @@ def test_half_precision_zplus_on_a_black_receptive_field_stays_finite():
     _, rel = lfp_jax.lrp(fun, _on_linear(rules.ZPlus()))(params, jnp.zeros((1, 2), jnp.float16),
                                                        target=jnp.ones((1, 2), jnp.float16))
     np.testing.assert_array_equal(np.asarray(rel, np.float32), [[0.0, 0.0]])
+
+
+def test_module_paths_select_sites_in_explanations_of_plain_models():
+    """Under lrp the weights are constants; they still name their sites for Match(path=...)."""
+    fun = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]  # noqa: E731
+    p = {"w1": jnp.array([[1.0, -1.0], [0.5, 2.0]]), "w2": jnp.array([[1.0], [1.0]])}
+    x = jnp.array([[0.0, 1.0]])
+    composite = _on_linear(rules.Epsilon(1e-6)).with_rules((Match(path="w1"), rules.Flat(0.0)))
+    _, rel = lfp_jax.lrp(fun, composite)(p, x, target=jnp.ones((1, 1)))
+    # layer 2 (ε): R_h = h ⊙ w2 / stab(z) = [0, 2] / 2 → [0, 1]; flat at layer 1 spreads each R_h over both x
+    np.testing.assert_allclose(rel, [[0.5, 0.5]], rtol=1e-5)

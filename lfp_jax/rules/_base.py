@@ -36,7 +36,8 @@ class _Absolute:
 
 
 ABSOLUTE = _Absolute()
-"""``output_epsilon`` of a rule whose output takes reward as is, ``R``, not normalised by its value.
+"""``output_epsilon`` of a rule whose output takes reward as is, ``R``, not normalised by its value
+(spiking rules, and the classic LRP rules of :mod:`lfp_jax.rules.lrp`, which stabilise their own ``z``).
 
 Spikes are 0 or 1, so the normalised form ``c = R / y`` cannot hold reward on a silent neuron; a
 spiking rule's output therefore receives ``R`` itself: at a model output the seed is the reward, and
@@ -127,8 +128,9 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable,
     ``backward(operands, outputs, ct)`` receives the site's operands and outputs (saved from the
     forward pass) and the normalised reward ``c_y`` at its first output, and returns one cotangent
     per operand in the normalised form (``R = value ⊙ c``). For reward-carrying operands this is
-    ``c_x``; for parameter operands (weights) it is ``c_W`` with feedback ``|W| ⊙ c_W``; ``None``
-    means zero (and is required for integer operands). Anything the rule needs (modified forward
+    ``c_x`` (``R_x`` itself for rules with :attr:`Rule.returns_relevance`; ``ct`` is then ``R_y``
+    where the rule's output is :data:`ABSOLUTE`); for parameter operands (weights) it is ``c_W`` with
+    feedback ``|W| ⊙ c_W``; ``None`` means zero (and is required for integer operands). Anything the rule needs (modified forward
     passes, state such as a membrane potential) is computed inside ``backward`` from saved values.
     With ``recompute=True`` only the operands are kept for the backward pass and the outputs are
     evaluated again there (cheap elementwise sites: one stored array and one memory pass less).

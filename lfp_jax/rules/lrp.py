@@ -23,7 +23,9 @@ for every parameter ``θ`` of the layer (weights, bias, normalisation parameters
 feedback is ``|θ| ⊙ c_θ``. The rule receives ``R_y`` itself at its output (``output_epsilon`` is
 :data:`~lfp_jax.rules.ABSOLUTE`) and hands ``R_x`` itself to its input (``returns_relevance``), so
 relevance at inputs that are exactly zero is kept (flat, w², z^B give it by design): a model input
-returns it as is, an activation takes it whole, a block output is converted with its ε.
+returns it as is (through reshapes and an input normalisation), an activation takes it whole, a block
+output is converted with its ε. Inside ``scan`` and ``cond`` bodies a body input is converted to
+``c = R / x`` (relevance at exact zeros is lost there); ``remat`` bodies hand it on.
 """
 
 from __future__ import annotations
