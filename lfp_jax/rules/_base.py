@@ -130,8 +130,9 @@ def with_backward(call: SiteCall, operands: Sequence[Array], backward: Callable,
     per operand in the normalised form (``R = value ⊙ c``). For reward-carrying operands this is
     ``c_x`` (``R_x`` itself for rules with :attr:`Rule.returns_relevance`; ``ct`` is then ``R_y``
     where the rule's output is :data:`ABSOLUTE`); for parameter operands (weights) it is ``c_W`` with
-    feedback ``|W| ⊙ c_W``; ``None`` means zero (and is required for integer operands). Anything the rule needs (modified forward
-    passes, state such as a membrane potential) is computed inside ``backward`` from saved values.
+    feedback ``|W| ⊙ c_W``; ``None`` means zero (and is required for integer operands). Anything the
+    rule needs (modified forward passes, state such as a membrane potential) is computed inside
+    ``backward`` from saved values.
     With ``recompute=True`` only the operands are kept for the backward pass and the outputs are
     evaluated again there (cheap elementwise sites: one stored array and one memory pass less).
     """
