@@ -251,3 +251,17 @@ def test_module_paths_select_sites_in_explanations_of_plain_models():
     _, rel = lfp_jax.lrp(fun, composite)(p, x, target=jnp.ones((1, 1)))
     # layer 2 (ε): R_h = h ⊙ w2 / stab(z) = [0, 2] / 2 → [0, 1]; flat at layer 1 spreads each R_h over both x
     np.testing.assert_allclose(rel, [[0.5, 0.5]], rtol=1e-5)
+
+
+def test_lfp_vjp_returns_the_same_input_relevance_at_zero_inputs():
+    """lfp_vjp (training: parameter feedback too) hands the flat rule's R to the zero input as lrp does;
+    the feedback of W is 0 (z = f(1, 1) does not depend on W) and that of b is |b|·∂z/∂b = 0 (flat has
+    no bias term)."""
+    fun = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731
+    params = {"w": jnp.array([[1.0], [1.0]]), "b": jnp.array([0.3])}
+    composite = lfp_jax.lfp_epsilon().with_rules((Match(kind="linear"), rules.Flat(0.0)))
+    out, feedback_fn = lfp_jax.lfp_vjp(fun, params, jnp.array([[0.0, 1.0]]), composite=composite)
+    feedback, rel = feedback_fn(jnp.ones_like(out))
+    np.testing.assert_allclose(rel, [[0.5, 0.5]], rtol=1e-12)
+    np.testing.assert_allclose(feedback["w"], 0.0)
+    np.testing.assert_allclose(feedback["b"], 0.0)
