@@ -295,21 +295,7 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
                 for k in range(len(primals))]
 
     def feedback_fn(reward: Any) -> tuple:
-        r_leaves = _check_reward(reward, outputs, t.out_tree)
-        seeds, r_iter = [], iter(r_leaves)
-        for k, (out, fl) in enumerate(zip(outs, t.float_out)):
-            r = next(r_iter) if t.primary[k] else None
-            if not fl:
-                continue
-            if r is None:
-                seeds.append(jnp.zeros_like(out))
-                continue
-            eps = t.plan.output_epsilon.get(k)  # the ε rule of the block producing the output
-            r = jax.lax.stop_gradient(jnp.asarray(r, out.dtype))
-            if eps is ABSOLUTE:  # spikes: the reward itself (see rules.ABSOLUTE)
-                seeds.append(r)
-            else:
-                seeds.append(safe_divide(r, out) if eps is None else stable_divide(r, out, eps))
+        seeds, _ = _seeds(t, outs, _check_reward(reward, outputs, t.out_tree))
         cts = vjp_fn(seeds)
         result_leaves: list[Any] = [None] * len(t.leaves)
         for k, ct in zip(t.diff, cts):
@@ -324,6 +310,27 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
     if has_aux:
         return outputs, feedback_fn, aux
     return outputs, feedback_fn
+
+
+def _seeds(t: _Traced, outs: list, r_leaves: list) -> tuple[list, dict]:
+    """The cotangents that start the backward pass from the reward leaves ``r_leaves`` (one per primary
+    output), and the reward of each float output position that has one."""
+    seeds, given, r_iter = [], {}, iter(r_leaves)
+    for k, (out, fl) in enumerate(zip(outs, t.float_out)):
+        r = next(r_iter) if t.primary[k] else None
+        if not fl:
+            continue
+        if r is None:
+            seeds.append(jnp.zeros_like(out))
+            continue
+        eps = t.plan.output_epsilon.get(k)  # the ε rule of the block producing the output
+        r = jax.lax.stop_gradient(jnp.asarray(r, out.dtype))
+        given[k] = r
+        if eps is ABSOLUTE:  # the output takes the reward itself (see rules.ABSOLUTE)
+            seeds.append(r)
+        else:
+            seeds.append(safe_divide(r, out) if eps is None else stable_divide(r, out, eps))
+    return seeds, given
 
 
 _MIXED = "a product of a value computed from the input with one computed only from another argument"

@@ -30,8 +30,7 @@ from lfp_jax import sites as _sites
 from lfp_jax._primitives import MOVES as _MOVES
 from lfp_jax.errors import ConservationError
 from lfp_jax.interpreter import evaluate
-from lfp_jax.rules import ABSOLUTE, safe_divide
-from lfp_jax.rules._base import stable_divide
+from lfp_jax.rules import ABSOLUTE
 
 _AFFINE = frozenset({"add", "sub", "mul", "div", "neg"})  # with one input-dependent operand
 
@@ -141,6 +140,7 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
         _input_argnums,
         _output_relevance,
         _rule_name,
+        _seeds,
         _short_source,
         _Traced,
     )
@@ -199,19 +199,7 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
     _, vjp, (outs, values, moved) = jax.vjp(f, [t.leaves[k] for k in t.diff], differentiable, has_aux=True)
     outputs = jax.tree_util.tree_unflatten(t.full_out_tree, outs)
     reward = _check_reward(_output_relevance(outputs, target), outputs, t.out_tree)
-    seeds, given, r_iter = [], {}, iter(reward)
-    for k, (out, fl) in enumerate(zip(outs, t.float_out)):
-        r = next(r_iter) if t.primary[k] else None
-        if not fl:
-            continue
-        if r is None:
-            seeds.append(jnp.zeros_like(out))
-            continue
-        r = jnp.asarray(r, out.dtype)
-        given[k] = r
-        eps = plan.output_epsilon.get(k)
-        seeds.append(r if eps is ABSOLUTE else safe_divide(r, out) if eps is None
-                     else stable_divide(r, out, eps))
+    seeds, given = _seeds(t, outs, reward)
     ct_leaves, ct_taps = vjp(seeds)
     input_total = 0.0
     for k, ct in zip(t.diff, ct_leaves):
