@@ -10,23 +10,61 @@ from flax import nnx
 import lfp_jax
 from lfp_jax.nn import torch_bias_init, torch_init, torch_kernel_init
 
+ALPHA = 1e-9  # chance that a correct U(±bound) sample fails one of the statistical checks below
 
-def _check_uniform(a, bound):
+
+def _check_uniform(a, bound, alpha=ALPHA):
+    """``a`` is a sample of U(−bound, bound), by checks whose false-alarm rate is at most ``alpha`` each.
+
+    * support: every ``|a_i| <= bound`` (up to the rounding of the dtype);
+    * range: ``|a_i| / bound`` is U(0, 1), so ``P(max |a_i| < q · bound) = q^n``; with
+      ``q = alpha^(1/n)`` a correct sample falls short with probability ``alpha`` (a smaller bound, as
+      from a larger fan-in, fails);
+    * shape: the Kolmogorov–Smirnov distance between the empirical CDF and that of U(−bound, bound) is
+      at most ``sqrt(ln(2/alpha) / (2n))`` (the Dvoretzky–Kiefer–Wolfowitz inequality with Massart's
+      constant, ``P(D_n > t) <= 2 exp(−2 n t²)``), which a normal or triangular sample violates.
+    """
     a = np.asarray(a)
-    assert np.all(np.abs(a) <= bound)
-    assert np.abs(a).max() > 0.8 * bound  # spreads over the whole interval
-    np.testing.assert_allclose(a.std(), bound / np.sqrt(3), rtol=0.1)
+    n = a.size
+    rounding = 4 * np.finfo(a.dtype).eps
+    assert np.all(np.abs(a) <= bound * (1 + rounding)), "sample outside [-bound, bound]"
+    q = alpha ** (1 / n)
+    assert np.abs(a).max() >= q * bound * (1 - rounding), (
+        f"max |a| = {np.abs(a).max():.4g} < {q:.4g} · bound: the support is narrower than ±{bound:.4g}")
+    x = np.sort(a.astype(np.float64).ravel())
+    cdf = np.clip((x + bound) / (2 * bound), 0.0, 1.0)
+    ks = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
+    limit = np.sqrt(np.log(2 / alpha) / (2 * n))
+    assert ks <= limit, f"Kolmogorov–Smirnov distance {ks:.4f} > {limit:.4f} to U(±{bound:.4g})"
 
 
 def test_kernel_init_bound_is_one_over_sqrt_fan_in():
-    _check_uniform(torch_kernel_init()(jax.random.key(0), (784, 120)), 1 / np.sqrt(784))
-    _check_uniform(torch_kernel_init()(jax.random.key(1), (5, 5, 6, 16)), 1 / np.sqrt(150))
+    for k in range(3):
+        _check_uniform(torch_kernel_init()(jax.random.key(k), (784, 120)), 1 / np.sqrt(784))
+        _check_uniform(torch_kernel_init()(jax.random.key(k), (5, 5, 6, 16)), 1 / np.sqrt(150))
 
 
 def test_bias_init_bound():
-    _check_uniform(torch_bias_init(100)(jax.random.key(0), (5000,)), 0.1)
+    for k in range(5):
+        _check_uniform(torch_bias_init(100)(jax.random.key(k), (5000,)), 0.1)
     with pytest.raises(ValueError):
         torch_bias_init(0)
+
+
+@pytest.mark.parametrize("wrong", ["fan_in 120", "fan_in 90", "normal", "triangular"])
+def test_uniform_check_rejects_other_distributions(wrong):
+    """The checks above have power: 5000 draws of a neighbouring distribution fail them."""
+    key = jax.random.key(11)
+    if wrong.startswith("fan_in"):
+        a = torch_bias_init(int(wrong.split()[1]))(key, (5000,))
+    elif wrong == "normal":  # the same standard deviation as U(±0.1), clipped into the support
+        a = jnp.clip(jax.random.normal(key, (5000,)) * 0.1 / np.sqrt(3), -0.1, 0.1)
+    else:  # the sum of two U(±0.05): support ±0.1, but a triangular density
+        k1, k2 = jax.random.split(key)
+        a = jax.random.uniform(k1, (5000,), minval=-0.05, maxval=0.05) + jax.random.uniform(
+            k2, (5000,), minval=-0.05, maxval=0.05)
+    with pytest.raises(AssertionError):
+        _check_uniform(a, 0.1)
 
 
 def test_torch_init_on_linen_params_keeps_normalisation_parameters():
