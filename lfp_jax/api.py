@@ -39,40 +39,57 @@ import numpy as np
 from jax import tree_util as jtu
 
 from lfp_jax import _graph, sites
-from lfp_jax.composites import Composite, lfp_epsilon
+from lfp_jax.composites import Composite, _show, check_composite, lfp_epsilon, unmatched
 from lfp_jax.errors import (
     FrozenParameterError,
     FrozenParameterWarning,
     LFPError,
     NoRuleError,
     RewardError,
+    UnmatchedRuleWarning,
 )
 from lfp_jax.interpreter import evaluate
-from lfp_jax.rules import ABSOLUTE, safe_divide
-from lfp_jax.rules._base import stable_divide
+from lfp_jax.rules import ABSOLUTE
+from lfp_jax.rules._base import output_share
 
 Array = jax.Array
 
 
+def _as_argnums(value: Any, name: str, n: int | None = None) -> tuple[int, ...]:
+    """``value`` (an int or a sequence of ints) as a tuple, checked against ``n`` positional arguments
+    (negative numbers count from the end, as in ``jax.grad``; out of range is an error, never wrapped)."""
+    def is_index(k):
+        return isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
+
+    if is_index(value):
+        nums = (int(value),)
+    elif isinstance(value, (tuple, list)) and all(is_index(k) for k in value):
+        nums = tuple(int(k) for k in value)
+    else:
+        raise TypeError(f"{name} must be an int or a tuple of ints (argument positions), got {value!r} "
+                        f"({type(value).__name__})")
+    if n is not None:
+        bad = [k for k in nums if not -n <= k < n]
+        if bad:
+            raise ValueError(f"{name}={value!r} does not fit a call with {n} positional arguments: "
+                             f"position{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} "
+                             f"{'are' if len(bad) > 1 else 'is'} out of range (valid: {-n} to {n - 1})")
+    if len(set(k % n for k in nums) if n else set(nums)) != len(nums):
+        raise ValueError(f"{name}={value!r} names an argument twice")
+    return nums
+
+
 def _argnums_tuple(argnums: int | Sequence[int], n: int, allow_empty: bool = False) -> tuple[int, ...]:
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    nums = _as_argnums(argnums, "argnums", n)
     if not nums and not allow_empty:
         raise ValueError("argnums must name at least one argument holding parameters")
-    for k in nums:
-        if not isinstance(k, int) or not -n <= k < n:
-            raise ValueError(f"argnums={argnums!r} does not fit a call with {n} positional arguments")
     return tuple(sorted(k % n for k in nums))
 
 
 def _input_argnums(input_argnums, n: int, argnums: tuple[int, ...]) -> tuple[int, ...] | None:
     if input_argnums is None:
         return None
-    nums = (input_argnums,) if isinstance(input_argnums, int) else tuple(input_argnums)
-    for k in nums:
-        if not isinstance(k, int) or not -n <= k < n:
-            raise ValueError(f"input_argnums={input_argnums!r} does not fit a call with {n} positional "
-                             f"arguments")
-    nums = tuple(sorted({k % n for k in nums}))
+    nums = tuple(sorted({k % n for k in _as_argnums(input_argnums, "input_argnums", n)}))
     if set(nums) & set(argnums):
         raise ValueError(f"input_argnums={input_argnums!r} and argnums={argnums!r} overlap: an argument "
                          f"holds either parameters or inputs")
@@ -166,6 +183,7 @@ class _Traced:
                        for j, (p, i) in enumerate(zip(self.is_param, self.is_input))],
             leaf_paths=leaf_names)
         self._refuse_mixed_products()
+        self._warn_unmatched(composite)
         if strict:
             missing = sites.problems(self.plan)
             if missing:
@@ -183,6 +201,20 @@ class _Traced:
                 "inputs such as token ids, embed them first and pass the embeddings."
             )
         self.diff = [k for k in range(len(self.leaves)) if self.is_param[k] or self.in_taint[k]]
+
+    def _warn_unmatched(self, composite: Composite) -> None:
+        """Warn about pairs added to a preset (``with_rules``) that select no site of this model: a
+        misspelt path, label or kind would otherwise leave the preset's rule in place unnoticed."""
+        all_sites = [site for _, site in sites.iter_sites(self.plan)]
+        for match, rule in unmatched(composite, all_sites):
+            paths = sorted({s.path for s in all_sites if s.path})
+            labels = sorted({f"{s.kind}/{s.label}" for s in all_sites})
+            warnings.warn(
+                f"{_show(match)} -> {_show(rule)} in composite {composite.name!r} selects no site of "
+                f"this model, so it has no effect. The model's sites (kind/label): {', '.join(labels)}"
+                + (f"; module paths: {', '.join(paths[:12])}{' ...' if len(paths) > 12 else ''}"
+                   if paths else "") + ". lfp_jax.describe(fun, *args) shows the table.",
+                UnmatchedRuleWarning, stacklevel=_user_stacklevel())
 
     def _refuse_mixed_products(self) -> None:
         """Without ``input_argnums``, a product of a value computed from the input with one computed
@@ -274,7 +306,7 @@ def _user_stacklevel() -> int:
 
 
 def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_frozen, positions):
-    composite = lfp_epsilon() if composite is None else composite
+    composite = lfp_epsilon() if composite is None else check_composite(composite)
     t = _Traced(fun, primals, composite, argnums, has_aux, input_argnums, positions)
     if not allow_frozen:
         frozen = _frozen(tuple(primals[k] for k in t.argnums))
@@ -329,7 +361,7 @@ def _seeds(t: _Traced, outs: list, r_leaves: list) -> tuple[list, dict]:
         if eps is ABSOLUTE:  # the output takes the reward itself (see rules.ABSOLUTE)
             seeds.append(r)
         else:
-            seeds.append(safe_divide(r, out) if eps is None else stable_divide(r, out, eps))
+            seeds.append(output_share(r, out, eps))
     return seeds, given
 
 
@@ -528,21 +560,16 @@ def check_params(params: Any) -> None:
 def _split_args(args, argnums, reward_argnums, input_argnums):
     """``fun``'s arguments, the reward's, and the argument numbers in ``fun``'s positions."""
     n = len(args)
-    for k in reward_argnums:
-        if not isinstance(k, int) or not -n <= k < n:
-            raise ValueError(f"reward_argnums={reward_argnums!r} does not fit a call with {n} "
-                             f"positional arguments")
+    _as_argnums(reward_argnums, "reward_argnums", n)
     reward_set = {k % n for k in reward_argnums}
     fun_args = [a for i, a in enumerate(args) if i not in reward_set]
     reward_args = [args[i % n] for i in reward_argnums]
     mapping = [i for i in range(n) if i not in reward_set]
 
     def to_fun(nums, name):
-        single = isinstance(nums, int)
-        nums = (nums,) if single else tuple(nums)
+        single = not isinstance(nums, (tuple, list))
+        nums = _as_argnums(nums, name, n)
         for k in nums:
-            if not isinstance(k, int) or not -n <= k < n:
-                raise ValueError(f"{name}={nums!r} does not fit a call with {n} positional arguments")
             if k % n in reward_set:
                 raise ValueError(f"{name} {nums} and reward_argnums {tuple(reward_argnums)} overlap")
         fun_nums = tuple(mapping.index(k % n) for k in nums)
@@ -591,7 +618,10 @@ def lfp_value_and_feedback(
       ``has_aux``. ``feedback`` has the structure of ``args[argnums]`` (a tuple for several argnums),
       positive = strengthen, summed over the batch.
     """
-    reward_argnums = tuple(reward_argnums) if not isinstance(reward_argnums, int) else (reward_argnums,)
+    reward_argnums = _as_argnums(reward_argnums, "reward_argnums")
+    _as_argnums(argnums, "argnums")
+    if input_argnums is not None:
+        _as_argnums(input_argnums, "input_argnums")
 
     def g(*args):
         fun_args, reward_args, nums, inputs, mapping = _split_args(args, argnums, reward_argnums,
@@ -668,9 +698,9 @@ def lrp(fun: Callable, composite: Composite | None = None, *,
     """
     from lfp_jax.composites import attn_lrp
 
-    composite = attn_lrp() if composite is None else composite
-    single = isinstance(argnums, int)
-    nums = (argnums,) if single else tuple(argnums)
+    composite = attn_lrp() if composite is None else check_composite(composite)
+    single = not isinstance(argnums, (tuple, list))
+    nums = _as_argnums(argnums, "argnums")
 
     def g(*args, target):
         inputs = _input_argnums(nums, len(args), ())
@@ -704,7 +734,7 @@ def find_sites(fun: Callable, *args: Any, composite: Composite | None = None,
     the composite has none, with the reason in ``problem``), module ``path``, ``param_paths`` and
     ``source_line``; :func:`describe` prints them as a table.
     """
-    composite = lfp_epsilon() if composite is None else composite
+    composite = lfp_epsilon() if composite is None else check_composite(composite)
     t = _Traced(fun, args, composite, argnums, has_aux, input_argnums, strict=False)
     return [site for _, site in sites.iter_sites(t.plan)]
 
@@ -728,7 +758,7 @@ def describe(fun: Callable, *args: Any, composite: Composite | None = None,
         2  linear      dense  Epsilon(1e-06)  MLP/Dense_1  dot_general+add  model.py:14 (MLP.__call__)
         3 sites
     """
-    composite = lfp_epsilon() if composite is None else composite
+    composite = lfp_epsilon() if composite is None else check_composite(composite)
     t = _Traced(fun, args, composite, argnums, has_aux, input_argnums, strict=False)
     found = list(sites.iter_sites(t.plan))
     rows = [("", "kind", "label", "rule", "module", "primitives", "source")]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -66,10 +67,23 @@ class Composite:
     Attributes:
       entries: the pairs.
       name: shown by :func:`lfp_jax.describe`.
+      preset: how many leading entries are a preset's defaults. A pair after them that selects no site
+        of a model is most likely a mistake (a misspelt path or label), so the transformation warns
+        (:class:`~lfp_jax.errors.UnmatchedRuleWarning`); a preset's own pairs (rules for spiking or
+        attention sites a model may not have) are exempt.
     """
 
     entries: tuple[tuple[Match, R.Rule], ...]
     name: str = "custom"
+    preset: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.entries, (tuple, list)):
+            raise TypeError(f"Composite(entries=...) takes a tuple of (Match, Rule) pairs, got "
+                            f"{type(self.entries).__name__}: {self.entries!r}")
+        for pair in self.entries:
+            _check_pair(pair, "Composite(entries=...)")
+        object.__setattr__(self, "entries", tuple(tuple(p) for p in self.entries))
 
     def with_rules(self, *pairs: tuple[Match, R.Rule], name: str | None = None) -> Composite:
         """A copy with ``pairs`` appended (they take precedence).
@@ -80,9 +94,7 @@ class Composite:
             :func:`lfp_jax.describe` shows what was changed.
         """
         for pair in pairs:
-            if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[0])
-                    and isinstance(pair[1], R.Rule)):
-                raise TypeError(f"with_rules takes (Match, Rule) pairs, got {pair!r}")
+            _check_pair(pair, "with_rules")
         if name is None:
             name = f"{self.name}.with_rules({', '.join(f'{_show(m)} -> {_show(r)}' for m, r in pairs)})"
         return dataclasses.replace(self, entries=self.entries + tuple(pairs), name=name)
@@ -107,6 +119,64 @@ class Composite:
         return rule
 
 
+_PAIR_FORM = "(Match(...), Rule) pairs such as (Match(kind='linear'), rules.ZPlus())"
+
+
+def _check_pair(pair: Any, where: str) -> None:
+    """``pair`` is ``(selector, rule)``: a :class:`Match` (or any ``site -> bool``) and a rule."""
+    if isinstance(pair, tuple) and len(pair) == 2:
+        sel, rule = pair
+        if isinstance(sel, R.Rule) and (isinstance(rule, Match) or callable(rule)):
+            raise TypeError(f"{where} takes {_PAIR_FORM}; got ({_show(sel)}, {_show(rule)}): the "
+                            f"order is (Match, Rule), swap the two")
+        if callable(sel) and not isinstance(sel, (R.Rule, type)) and isinstance(rule, R.Rule):
+            return
+        if isinstance(rule, type) and issubclass(rule, R.Rule):
+            raise TypeError(f"{where} takes {_PAIR_FORM}; got the class {rule.__name__} in {pair!r}: "
+                            f"pass an instance, {rule.__name__}()")
+    raise TypeError(f"{where} takes {_PAIR_FORM}; got {pair!r} ({type(pair).__name__})")
+
+
+def check_composite(composite: Any) -> Composite:
+    """``composite`` itself when it is a :class:`Composite`, else a ``TypeError`` that says how to make
+    one (used by every transformation before it traces the model)."""
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, str):
+        fix = (f"lfp_jax.composites.{composite}()" if composite in PRESETS
+               else f"a preset such as lfp_jax.lfp_epsilon() (presets: {', '.join(PRESETS)})")
+        raise TypeError(f"composite must be a Composite, got the string {composite!r}: call {fix}")
+    if callable(composite) and getattr(composite, "__name__", "") in PRESETS:
+        raise TypeError(f"composite must be a Composite, got the function {composite.__name__}: call it, "
+                        f"composite={composite.__name__}()")
+    if isinstance(composite, R.Rule):
+        raise TypeError(f"composite must be a Composite, got the rule {_show(composite)}: give it the sites "
+                        f"it applies to, e.g. lfp_jax.lfp_epsilon().with_rules((Match(kind=...), "
+                        f"{_show(composite)}))")
+    if isinstance(composite, (list, tuple)):
+        raise TypeError(f"composite must be a Composite, got a {type(composite).__name__}: wrap the pairs, "
+                        f"lfp_jax.lfp_epsilon().with_rules(*pairs) (the preset's rules, refined) or "
+                        f"Composite(entries=tuple(pairs)) (only these rules)")
+    raise TypeError(f"composite must be a Composite (e.g. lfp_jax.lfp_epsilon()), got {composite!r} "
+                    f"({type(composite).__name__})")
+
+
+def unmatched(composite: Composite, sites: list) -> list[tuple[Match, R.Rule]]:
+    """The pairs of ``composite`` after its preset entries that select none of ``sites``."""
+    return [(m, r) for m, r in composite.entries[composite.preset:] if not any(m(s) for s in sites)]
+
+
+def _preset(fn: Callable[..., Composite]) -> Callable[..., Composite]:
+    """Mark every entry of the composite ``fn`` returns as a preset default (see ``Composite.preset``)."""
+
+    @functools.wraps(fn)
+    def make(*args: Any, **kwargs: Any) -> Composite:
+        composite = fn(*args, **kwargs)
+        return dataclasses.replace(composite, preset=len(composite.entries))
+
+    return make
+
+
 def _show(obj: Any) -> str:
     """``Match(kind='linear')`` or ``ZPlus(1e-06)``: only the fields that are set."""
     if isinstance(obj, Match):
@@ -120,6 +190,7 @@ def _show(obj: Any) -> str:
     return _rule_name(obj) if isinstance(obj, R.Rule) else repr(obj)
 
 
+@_preset
 def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Composite:
     """The reference LFP-ε composite (lfprop's ``LFPEpsilonComposite``), with AttnLRP's rules where the
     reference has none.
@@ -157,6 +228,7 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
     )
 
 
+@_preset
 def attn_lrp(epsilon: float = 1e-6) -> Composite:
     r"""AttnLRP (Achtibat et al., ICML 2024) for explanations, as LXT applies it.
 
@@ -180,6 +252,7 @@ def attn_lrp(epsilon: float = 1e-6) -> Composite:
         name=f"attn_lrp(epsilon={epsilon:g})")
 
 
+@_preset
 def reference_vit(epsilon: float = 1.0) -> Composite:
     """The reference implementation's ViT behaviour, for comparison: LFP-ε with ε = 1 on linear layers
     and LayerNorms, identity on activations, and the plain gradient at softmax sites, products and
@@ -217,6 +290,7 @@ def _args(**kwargs) -> str:
     return ", ".join(f"{k}={v!r}" if not isinstance(v, float) else f"{k}={v:g}" for k, v in kwargs.items())
 
 
+@_preset
 def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, *, zero_bias: bool = False) -> Composite:
     r"""zennit's ``EpsilonPlus``: z⁺ (:class:`~lfp_jax.rules.ZPlus`) at convolutions, the ε rule at dense
     layers; ε (``stabilizer``) at average pooling and sums, identity at activations, winner-takes-all at
@@ -231,6 +305,7 @@ def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, *, zero_bias: 
                      f"epsilon_plus({_args(epsilon=epsilon, stabilizer=stabilizer, zero_bias=zero_bias)})")
 
 
+@_preset
 def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, *,
                       zero_bias: bool = False) -> Composite:
     r""":func:`epsilon_plus` with the flat rule (:class:`~lfp_jax.rules.Flat`) at the first layer
@@ -242,6 +317,7 @@ def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, *,
                      ((_FIRST, R.Flat(stabilizer)),))
 
 
+@_preset
 def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, *,
                          zero_bias: bool = False) -> Composite:
     r"""zennit's ``EpsilonAlpha2Beta1``: α-β with α = 2, β = 1 (:class:`~lfp_jax.rules.AlphaBeta`) at
@@ -252,6 +328,7 @@ def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, *,
                      f"{_args(epsilon=epsilon, stabilizer=stabilizer, zero_bias=zero_bias)})")
 
 
+@_preset
 def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, *,
                               zero_bias: bool = False) -> Composite:
     r""":func:`epsilon_alpha2_beta1` with the flat rule at the first layer, zennit's
@@ -263,6 +340,7 @@ def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, *
                      ((_FIRST, R.Flat(stabilizer)),))
 
 
+@_preset
 def epsilon_gamma_box(low: Any = 0.0, high: Any = 1.0, epsilon: float = 1e-6, gamma: float = 0.25,
                       stabilizer: float = 1e-6, *, zero_bias: bool = False) -> Composite:
     r"""zennit's ``EpsilonGammaBox``: z^B (:class:`~lfp_jax.rules.ZBox`) with the input bounds
@@ -284,3 +362,7 @@ def epsilon_gamma_box(low: Any = 0.0, high: Any = 1.0, epsilon: float = 1e-6, ga
                      f"epsilon_gamma_box({bounds}, "
                      f"{_args(epsilon=epsilon, gamma=gamma, stabilizer=stabilizer, zero_bias=zero_bias)})",
                      ((_FIRST_CONV, box),))
+
+
+PRESETS = ("lfp_epsilon", "attn_lrp", "reference_vit", "epsilon_plus", "epsilon_plus_flat",
+           "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box")

@@ -31,6 +31,10 @@ class FrozenParameterWarning(UserWarning):
     """Parameters that are exactly zero and will never move under LFP (see FrozenParameterError)."""
 
 
+class UnmatchedRuleWarning(UserWarning):
+    """A ``(Match, Rule)`` pair added to a composite selects no site of the model (it has no effect)."""
+
+
 class ConservationError(LFPError):
     """A site whose rule should conserve relevance loses more than the tolerance (strict
     :func:`lfp_jax.conservation`)."""

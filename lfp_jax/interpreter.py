@@ -20,8 +20,8 @@ from jax.extend import core as jex
 
 from lfp_jax import _compat
 from lfp_jax._graph import Lit, Node
-from lfp_jax.rules import ABSOLUTE, SiteCall, safe_divide
-from lfp_jax.rules._base import stable_divide
+from lfp_jax.rules import ABSOLUTE, SiteCall
+from lfp_jax.rules._base import output_share, stable_divide
 from lfp_jax.sites import Plan, Site
 
 
@@ -161,8 +161,9 @@ def _boundary_fwd(value, epsilon):
 def _boundary_bwd(epsilon, value, ct):
     if epsilon is ABSOLUTE:  # a spiking output: its producer takes the reward itself, R = y ⊙ c
         return (ct * value,)
-    # masked attention scores are -inf: they hold no reward (and y / stab(y) would be NaN there)
-    finite = jnp.isfinite(value)
+    # masked attention scores are -inf: they hold no reward (and y / stab(y) would be NaN there); a NaN
+    # stays NaN, as in jax.grad
+    finite = ~jnp.isinf(value)
     safe = jnp.where(finite, value, 1)
     return (jnp.where(finite, stable_divide(ct * safe, safe, epsilon), 0),)
 
@@ -184,12 +185,7 @@ def _relevance_boundary_fwd(value, epsilon):
 def _relevance_boundary_bwd(epsilon, value, ct):
     if epsilon is ABSOLUTE:
         return (ct,)
-    if epsilon is None:
-        return (safe_divide(ct, value),)
-    # where y = 0 the producer's R = y ⊙ c is 0 whatever c is; R / ε would overflow half precision
-    keep = jnp.isfinite(value) & (value != 0) if value.dtype == jnp.float16 else jnp.isfinite(value)
-    safe = jnp.where(keep, value, 1)
-    return (jnp.where(keep, stable_divide(ct, safe, epsilon), 0),)
+    return (output_share(ct, value, epsilon),)
 
 
 _relevance_boundary.defvjp(_relevance_boundary_fwd, _relevance_boundary_bwd)

@@ -20,16 +20,27 @@ Array = jax.Array
 
 
 def _targets(z: Array, labels: ArrayLike) -> Array:
-    labels = jnp.asarray(labels)
-    if labels.ndim == z.ndim - 1 and jnp.issubdtype(labels.dtype, jnp.integer):
+    """One-hot targets shaped like ``z`` from integer ``labels`` of shape ``z.shape[:-1]`` (or the
+    targets themselves, shaped like ``z``). Concrete integer labels outside ``[0, classes)`` are refused
+    (``jax.nn.one_hot`` would silently make them all-zero targets); traced ones cannot be checked."""
+    labels = jnp.asarray(labels) if not isinstance(labels, jax.Array) else labels
+    integer = jnp.issubdtype(labels.dtype, jnp.integer)
+    if integer and labels.shape == z.shape[:-1]:
+        if not isinstance(labels, jax.core.Tracer) and labels.size:
+            low, high = int(jnp.min(labels)), int(jnp.max(labels))
+            if low < 0 or high >= z.shape[-1]:
+                raise ValueError(f"labels must be class indices in [0, {z.shape[-1]}) for outputs with "
+                                 f"{z.shape[-1]} classes, got values from {low} to {high}")
         return jax.nn.one_hot(labels, z.shape[-1], dtype=z.dtype)
-    if labels.shape == z.shape:
+    if labels.shape == z.shape:  # one-hot / multi-hot targets (float or integer)
         return labels.astype(z.dtype)
-    raise ValueError(
-        f"labels of shape {labels.shape} and dtype {labels.dtype} do not fit outputs of shape "
-        f"{z.shape}: give integer class indices of shape {z.shape[:-1]} or one-hot targets of shape "
-        f"{z.shape}."
-    )
+    want = (f"integer class indices of shape {z.shape[:-1]} (one per sample) or one-hot targets of shape "
+            f"{z.shape}")
+    if integer and labels.ndim == z.ndim - 1:
+        raise ValueError(f"labels of shape {labels.shape} do not fit outputs of shape {z.shape}: the batch "
+                         f"sizes differ ({labels.shape} vs {z.shape[:-1]}); give {want}.")
+    raise ValueError(f"labels of shape {labels.shape} and dtype {labels.dtype} do not fit outputs of shape "
+                     f"{z.shape}: give {want}.")
 
 
 def _sign(z: Array) -> Array:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -17,12 +20,42 @@ def stabilize(z: Array, epsilon: float) -> Array:
     return z + jnp.where(z >= 0, epsilon, -epsilon).astype(z.dtype)
 
 
+def _check_epsilon(rule: Any) -> None:
+    """A rule's ``epsilon`` field (where it has one) must be a finite number ``>= 0`` or ``None``: a NaN
+    or infinite stabiliser turns every share into NaN or 0, a negative one can cancel ``z`` exactly."""
+    if not any(f.name == "epsilon" for f in dataclasses.fields(rule)):
+        return
+    eps = rule.epsilon
+    if eps is None:
+        return
+    name = type(rule).__name__
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name}: epsilon must be a Python number (finite, >= 0), got {eps!r} "
+                        f"({type(eps).__name__}); it is a static setting of the rule, not an array")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name}: epsilon must be finite and >= 0, got {eps!r} (0 is LRP-0: plain "
+                         f"shares, 0 where a unit is silent)")
+
+
 def stable_divide(a: Array, z: Array, epsilon: float) -> Array:
     r"""``a / (z + ε·sign(z))``; for ``ε = 0`` the plain ``a / z``, 0 where ``z = 0`` (LRP-0: no NaN where
     a unit is silent)."""
     if epsilon == 0:
         return safe_divide(a, z)
     return a / stabilize(z, epsilon)
+
+
+def output_share(r: Array, y: Array, epsilon: float | None) -> Array:
+    r"""The normalised reward ``c = R / (y + ε·sign(y))`` at a block output ``y`` (``R / y`` for ``ε =
+    None``, 0 where ``y = 0``), finite wherever ``R`` and ``y`` are: 0 at infinite ``y`` (masked
+    attention scores are ``-inf``) and, in float16, at ``y = 0``, where ``R / ε`` would overflow (ε = 1e-6
+    is below float16's smallest normal number) while ``R = y ⊙ c`` is 0 whatever ``c`` is. A NaN ``y``
+    gives NaN, as in ``jax.grad``: NaN is never hidden."""
+    if epsilon is None:
+        return safe_divide(r, y)
+    keep = ~jnp.isinf(y) & (y != 0) if y.dtype == jnp.float16 else ~jnp.isinf(y)
+    safe = jnp.where(keep, y, 1)
+    return jnp.where(keep, stable_divide(r, safe, epsilon), 0)
 
 
 class _Absolute:
@@ -111,6 +144,9 @@ class Rule:
     conservative: ClassVar[bool] = False
     """Whether the rule conserves relevance up to biases and stabilisers (checked by
     :func:`lfp_jax.conservation` in strict mode)."""
+
+    def __post_init__(self) -> None:
+        _check_epsilon(self)
 
     @property
     def output_epsilon(self) -> float | None:

@@ -143,8 +143,7 @@ class LinearRule(Rule):
         return ABSOLUTE
 
     def __post_init__(self) -> None:
-        if not self.epsilon >= 0:
-            raise ValueError(f"{type(self).__name__}: epsilon must be >= 0, got {self.epsilon!r}")
+        super().__post_init__()
 
     def groups(self, x: Array, y: Array) -> list[Group]:
         """The rule's groups for the input ``x`` and the layer's output ``y``."""

@@ -46,6 +46,7 @@ class SpikingEpsilon(Rule):
     kinds: ClassVar[frozenset[str]] = frozenset({"spiking"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.normalizer not in ("membrane", "epsilon"):
             raise ValueError(f"SpikingEpsilon: normalizer must be 'membrane' or 'epsilon', got "
                              f"{self.normalizer!r}")
