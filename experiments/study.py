@@ -56,7 +56,7 @@ class Runner:
             cfg["epochs"] = 1
             cfg["data"]["subset"] = 256
             cfg["batch_size"] = min(cfg["batch_size"], 64)
-        return cfg
+        return config_lib.validate(cfg)  # load validated the file, base= and --set; this the quick changes
 
     def run(self, cfg: dict) -> dict | None:
         path = os.path.join(config_lib.run_dir(cfg), "summary.json")
@@ -469,7 +469,10 @@ def main(argv=None) -> None:
     runner = Runner(args)
     for name in (sorted(STUDIES) if args.study == "all" else [args.study]):
         print(f"== study {name}")
-        STUDIES[name](runner)
+        try:  # every run's config (with --set) is validated before it trains: stop with the key named
+            STUDIES[name](runner)
+        except config_lib.ConfigError as e:
+            raise SystemExit(f"invalid config in study {name} (--set {args.set}):\n{e}") from None
     if runner.missing:
         print("datasets missing, runs skipped:\n  " + "\n  ".join(runner.missing))
 
