@@ -261,7 +261,7 @@ def decode_checkpoint(blob: bytes, source: str) -> dict:
         version = int(fields[1])
         digest = fields[2].removeprefix(b"sha256=").decode()
         length = int(fields[3].removeprefix(b"bytes="))
-        assert len(fields) == 4 and len(digest) == 64
+        assert len(fields) == 4 and len(digest) == 64 and int(digest, 16) >= 0
     except (IndexError, ValueError, AssertionError, UnicodeDecodeError):
         raise CheckpointError(f"{source} has a damaged header: {blob[:80]!r}") from None
     if version != FORMAT_VERSION:
@@ -766,6 +766,8 @@ def train(cfg: dict, *, resume: bool = False, allow_config_change: bool = False,
     if resuming:
         start = _resume_checkpoint(trainer, out)
         elapsed = _repair_metrics(metrics_path, start)
+        if not os.path.exists(os.path.join(out, CHECKPOINT)):  # resumed from the previous checkpoint:
+            trainer.save_checkpoint(out, start)  # make checkpoint.msgpack whole again for readers of it
     else:  # a new run: the checkpoints of an earlier run here must not become this one's fallback
         for path in checkpoints:
             if os.path.exists(path):
