@@ -18,6 +18,9 @@ instead of being ignored or failing deep inside jax with a message that never na
   that spells a number (``1e-3``, which YAML 1.1 reads as a string) is accepted where a float is
   expected and converted.
 
+* across keys: a spiking model (``snn_mlp``, ``snn_cnn``) needs a spike reward (``reward.name:
+  spike_...``).
+
 All problems of a config are reported together in one :class:`ConfigError`.
 """
 
@@ -379,6 +382,11 @@ def validate(cfg: dict) -> dict:
     schema = dict(SCHEMA)
     schema["data"] = {**SCHEMA["data"], "name": choice(*_DATASETS)}
     _check_section(cfg, schema, "", problems, open_sections)
+    model, reward = cfg.get("model"), cfg.get("reward")
+    if (not problems and model["name"] in ("snn_mlp", "snn_cnn")
+            and not str(reward["name"]).startswith("spike_")):  # spike trains (T, batch, classes) out
+        problems.append(f"reward.name must be a spike reward (spike_rate_coded or spike_count_softmax_loss) "
+                        f"for the spiking model {model['name']!r}, got {reward['name']!r}")
     if problems:
         raise ConfigError(problems)
     return cfg

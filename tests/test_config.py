@@ -110,6 +110,10 @@ def test_open_sections_are_checked_against_the_code_they_configure():
         config_lib.load(DIGITS, ["reward.name=bounded_softmax", "reward.sign_only=1"])
     with pytest.raises(config_lib.ConfigError, match=r"'reward.uper' \(did you mean 'reward.upper'\?\)"):
         config_lib.load(DIGITS, ["reward.name=bounded_softmax", "reward.uper=0.9"])
+    # a spiking model outputs spike trains: its reward must be a spike reward
+    with pytest.raises(config_lib.ConfigError, match=r"reward.name must be a spike reward .* for the "
+                                                     r"spiking model 'snn_mlp', got 'softmax_loss'"):
+        config_lib.load(os.path.join(ROOT, "configs", "snn_mnist_lfp.yaml"), ["reward.name=softmax_loss"])
     # data options: the loader's keyword arguments
     cfg = config_lib.load(os.path.join(ROOT, "configs", "toy_mlp_lfp.yaml"), ["data.options.n=90"])
     assert cfg["data"]["options"]["n"] == 90
