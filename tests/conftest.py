@@ -1,5 +1,33 @@
-"""Test configuration: float64 everywhere, so identities can be checked to tight tolerances."""
+"""Test configuration: float64 everywhere, so identities can be checked to tight tolerances; long
+integration runs (marked ``slow``) run only with ``--slow`` (CI runs them: ``.ci/run``)."""
 
 import jax
+import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the long integration tests (marked slow); CI does")
+    parser.addoption("--only-slow", action="store_true", default=False,
+                     help="run only the long integration tests (marked slow)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long integration run (training runs, subprocesses); "
+                                       "runs with --slow or --only-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--only-slow"):
+        keep = [item for item in items if "slow" in item.keywords]
+        config.hook.pytest_deselected(items=[item for item in items if "slow" not in item.keywords])
+        items[:] = keep
+        return
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow integration test: run with --slow (CI runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
