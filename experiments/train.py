@@ -41,11 +41,13 @@ epochs, say: the learning-rate schedule then follows the new config). A checkpoi
 it is used: integrity (format version, length and SHA-256 of the payload), structure (every array must
 have the shape and dtype that the config's model and optimiser have) and finite values. If
 ``checkpoint.msgpack`` is damaged or missing and ``checkpoint.prev.msgpack`` passes these checks, the run
-resumes from the previous checkpoint (one epoch earlier) with a :class:`ResumeWarning`, and the damaged
-file is kept as ``checkpoint.damaged.msgpack``. ``metrics.jsonl`` is then cut back to the checkpoint's
-epoch: rows beyond it and a torn last line (a kill during the append) are dropped with a warning; a
-damaged line in the middle is an error naming the file and line. Without a usable checkpoint the error
-says so; deleting the run folder (or running without ``--resume``) starts the run again.
+resumes from the previous checkpoint (one epoch earlier) with a :class:`ResumeWarning`; the damaged
+file is kept as ``checkpoint.damaged.msgpack`` and ``checkpoint.msgpack`` is written again from the
+previous one, so readers of the run folder (``experiments.explain``, the studies) find it.
+``metrics.jsonl`` is then cut back to the checkpoint's epoch: rows beyond it and a torn last line (a
+kill during the append) are dropped with a warning; a damaged line in the middle is an error naming the
+file and line. Without a usable checkpoint the error says so; deleting the run folder (or running
+without ``--resume``) starts the run again.
 
 Divergence
 ----------
@@ -69,7 +71,7 @@ Test hook
 ``LFP_JAX_CHECKPOINT_WRITE_DELAY=<seconds>`` sleeps that long after the temporary checkpoint file is
 written and again between moving the latest checkpoint to ``checkpoint.prev.msgpack`` and renaming the
 new one onto ``checkpoint.msgpack``, so that a test can kill the trainer inside the checkpoint write
-(tests/test_reliability.py). Not meant for real runs.
+(tests/test_reliability.py, ``pytest --slow``). Not meant for real runs.
 """
 
 from __future__ import annotations
