@@ -120,6 +120,15 @@ def test_naming_both_arguments_as_inputs_gives_their_product_its_rule():
     kinds = {(s.kind, type(s.rule).__name__) for s in
              lfp_jax.find_sites(_eval, params, x, stats, input_argnums=(1, 2))}
     assert ("bilinear", "UniformProduct") in kinds
-    g = lfp_jax.lfp_value_and_feedback(_eval, rewards.softmax_loss, input_argnums=(1, 2), reward_argnums=(3,))
-    _, fb = g(params, x, stats, y)
-    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(fb))
+    eps = lfp_jax.lfp_epsilon(1e-12)  # the ε of the sum and product sites would blur the halves by ~1e-5
+    both, const = (jax.jit(lfp_jax.lfp_grad(_eval, rewards.softmax_loss, input_argnums=k, reward_argnums=(3,),
+                                            composite=eps))(params, x, stats, y) for k in ((1, 2), (1,)))
+    # The uniform rule hands each of the two factors of (h − μ) · rsqrt(σ² + ε) half of the product's
+    # reward. With the statistics constant the product is a linear map of h (its exact Jacobian), so
+    # everything reached through the (h − μ) factor (BatchNorm's scale, the first Dense layer) gets
+    # exactly half; what lies after the product (the offset, the last Dense layer) is unchanged.
+    for path in (("BatchNorm_0", "scale"), ("Dense_0", "kernel"), ("Dense_0", "bias")):
+        np.testing.assert_allclose(both[path[0]][path[1]], 0.5 * const[path[0]][path[1]], rtol=1e-9)
+    for path in (("BatchNorm_0", "bias"), ("Dense_1", "kernel"), ("Dense_1", "bias")):
+        np.testing.assert_allclose(both[path[0]][path[1]], const[path[0]][path[1]], rtol=1e-12)
+    assert float(jnp.abs(const["Dense_0"]["kernel"]).max()) > 0

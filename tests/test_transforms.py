@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import theorem1_expected
 
 import lfp_jax
 from lfp_jax import rewards
@@ -242,7 +243,15 @@ def test_linen_dropout_model_under_jit_with_rng_argument():
     _, fb1 = g(params, x, jax.random.key(5), y)
     _, fb2 = g(params, x, jax.random.key(6), y)
     assert not np.allclose(fb1["Dense_0"]["kernel"], fb2["Dense_0"]["kernel"])  # masks differ
-    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(fb1))
+    # A ReLU network: Theorem 1 with the same mask (the same key), at lfp_epsilon's ε = 1e-6, except that
+    # the reference's dropout rule rescales the reward by 1/(1-p) on top of the forward pass's 1/(1-p)
+    # (which jax.grad has too): the layer before the dropout gets 1/0.7 of -|θ| ⊙ ∇CE.
+    for key, fb in ((5, fb1), (6, fb2)):
+        want = theorem1_expected(lambda p, x, k=key: f(p, x, jax.random.key(k)), params, x, labels=y)
+        want = {"Dense_0": jax.tree.map(lambda a: a / 0.7, want["Dense_0"]), "Dense_1": want["Dense_1"]}
+        for (path, got), w in zip(jax.tree_util.tree_flatten_with_path(fb)[0], jax.tree.leaves(want)):
+            np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-6 * float(jnp.abs(w).max()),
+                                       err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
