@@ -2,14 +2,16 @@
 
 ``tests/data/lfprop/rewards.npz`` and ``snn_*.npz`` were written by
 ``tools/lfprop_reference/make_reward_fixtures.py`` with lfprop 1.0.0 (PyTorch 2.13, snntorch, float64);
-its docstring maps lfprop's reward classes to lfp_jax's names. The spiking networks are rewritten here in
-plain jnp on the torch-layout weights (``run_lif_layers``); nothing else is shared with the reference.
+its docstring maps lfprop's reward classes to lfp_jax's names. The spiking networks (a LIF MLP with the
+rate-coded or a random reward, and a LIF CNN with max pooling of tied spikes) are rewritten here in plain
+jnp on the torch-layout weights (``run_lif_layers``); nothing else is shared with the reference.
 """
 
 import functools
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -88,13 +90,29 @@ def test_spike_count_softmax_loss_sums_over_time_to_lfprops_softmax_loss_at_the_
 
 # --- the spiking rule -----------------------------------------------------------------------------
 
-SNN_CASES = ["mlp", "mlp_random_reward"]
+SNN_CASES = ["mlp", "mlp_random_reward", "cnn_pool"]
+
+
+def _pool(h):  # NCHW, 2x2 windows, stride 2
+    return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+
+
+def _conv(p, a):
+    z = jax.lax.conv_general_dilated(a, p["0.parameterized_layer.weight"], (1, 1), "VALID",
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    return z + p["0.parameterized_layer.bias"][None, :, None, None]
 
 
 def _snn(p, frames, beta, threshold):
-    """Linear → LIF → Linear → LIF over the frames, torch layout ``x @ W.T + b``."""
-    layers = [lambda a: a @ p["0.parameterized_layer.weight"].T + p["0.parameterized_layer.bias"],
-              lambda a: a @ p["1.parameterized_layer.weight"].T + p["1.parameterized_layer.bias"]]
+    """The reference's networks in plain jnp, torch layout (``x @ W.T + b``, NCHW convolutions)."""
+    if frames.ndim == 3:  # mlp: Linear → LIF → Linear → LIF
+        layers = [lambda a: a @ p["0.parameterized_layer.weight"].T + p["0.parameterized_layer.bias"],
+                  lambda a: a @ p["1.parameterized_layer.weight"].T + p["1.parameterized_layer.bias"]]
+    else:  # cnn_pool: Conv → LIF → MaxPool → Flatten → Linear → LIF
+        def dense(a):
+            h = _pool(a).reshape(a.shape[0], -1)
+            return h @ p["3.parameterized_layer.weight"].T + p["3.parameterized_layer.bias"]
+        layers = [lambda a: _conv(p, a), dense]
     return run_lif_layers(layers, frames, beta=beta, threshold=threshold)
 
 
@@ -116,8 +134,14 @@ def test_spiking_feedback_equals_lfprops(case):
     spikes, feedback, relevance = run(p, d["frames"], d["reward"])
     np.testing.assert_array_equal(spikes, d["spikes"])  # the same LIF dynamics
     assert 0.05 < float(d["hidden_spike_rate"]) < 0.95 and 0.05 < float(d["output_spike_rate"]) < 0.95
-    if case == "mlp":  # the rate-coded reward computed from these spikes, as lfprop's training loop does
+    if case != "mlp_random_reward":  # the rate-coded reward of these spikes, as lfprop's training loop does
         _close(rewards.spike_rate_coded(spikes, d["y"]), d["reward"])
+    if case == "cnn_pool":  # the pooled spikes tie in many windows (at 1 and at 0): routing matters
+        hidden = run_lif_layers([lambda a: _conv(p, a)], d["frames"], beta=beta, threshold=threshold)
+        windows = np.asarray(hidden).reshape(*hidden.shape[:3], 3, 2, 3, 2).transpose(0, 1, 2, 3, 5, 4, 6)
+        windows = windows.reshape(*windows.shape[:5], 4)
+        count = (windows == windows.max(-1, keepdims=True)).sum(-1)
+        assert np.mean(count >= 2) > 0.3 and np.any((windows.max(-1) == 1) & (count >= 2))
     for k in keys:
         want = d[f"feedback/{k}"]
         assert np.abs(want).max() > 0

@@ -44,9 +44,13 @@ SNN training loop does, then one backward pass of the reward through the stacked
 * ``mlp``: Linear(6, 8) → LIF → Linear(8, 3) → LIF, T = 5, batch 4, reward = lfprop's rate-coded
   reward at the output spikes;
 * ``mlp_random_reward``: the same network and frames, a standard-normal reward on every output step
-  (silent ones too), so that every path of the rule carries reward.
+  (silent ones too), so that every path of the rule carries reward;
+* ``cnn_pool``: Conv2d(1, 3, 3) → LIF → MaxPool2d(2) → Flatten → Linear(27, 3) → LIF on 8x8 frames
+  (NCHW), T = 4, batch 2, the rate-coded reward. The pool is no ``SpikingLayer``: lfprop leaves it to
+  autograd, which hands each window's reward to its first maximum among the (binary, mostly tied)
+  spikes.
 
-Keys: ``frames`` (T, batch, 6), ``y``, ``spikes`` (the output spike train), ``reward``,
+Keys: ``frames`` (T, batch, features or NCHW), ``y``, ``spikes`` (the output spike train), ``reward``,
 ``param/<key>`` and ``feedback/<key>`` (torch layout, ``param.feedback`` after the backward pass:
 positive = strengthen), ``input_relevance`` (the reward at the frames), ``param_keys``, ``beta``,
 ``threshold``, ``epsilon``, ``hidden_spike_rate``, ``output_spike_rate`` and version strings.
@@ -118,16 +122,27 @@ def _lif(output=False):
                      reset_mechanism="subtract", reset_delay=True)
 
 
-def _snn_mlp():
+def _snn(case):
     torch.manual_seed(0)
-    model = nn.Sequential(SpikingLayer(nn.Linear(6, 8), _lif()), SpikingLayer(nn.Linear(8, 3), _lif(True)))
+    if case.startswith("mlp"):
+        model = nn.Sequential(SpikingLayer(nn.Linear(6, 8), _lif()),
+                              SpikingLayer(nn.Linear(8, 3), _lif(True)))
+        gains = ((2.5, 0.2), (3.0, 0.3))
+        frames = torch.rand(5, 4, 6) * 2
+        y = torch.randint(0, 3, (4,))
+    elif case == "cnn_pool":  # max pooling of binary spikes: ties in most windows
+        model = nn.Sequential(SpikingLayer(nn.Conv2d(1, 3, 3), _lif()), nn.MaxPool2d(2), nn.Flatten(),
+                              SpikingLayer(nn.Linear(27, 3), _lif(True)))
+        gains = ((2.0, 0.2), (2.5, 0.3))
+        frames = torch.rand(4, 2, 1, 8, 8) * 2
+        y = torch.randint(0, 3, (2,))
+    else:
+        raise ValueError(case)
+    spiking = [m for m in model if isinstance(m, SpikingLayer)]
     with torch.no_grad():  # enough drive that both layers fire on some steps and stay silent on others
-        model[0].parameterized_layer.weight.mul_(2.5)
-        model[0].parameterized_layer.bias.add_(0.2)
-        model[1].parameterized_layer.weight.mul_(3.0)
-        model[1].parameterized_layer.bias.add_(0.3)
-    frames = torch.rand(5, 4, 6) * 2
-    y = torch.randint(0, 3, (4,))
+        for layer, (gain, shift) in zip(spiking, gains):
+            layer.parameterized_layer.weight.mul_(gain)
+            layer.parameterized_layer.bias.add_(shift)
     return model, frames, y
 
 
@@ -144,13 +159,13 @@ def _run(model, frames):
 
 
 def snn_fixture(case: str) -> dict:
-    model, frames, y = _snn_mlp()
+    model, frames, y = _snn(case)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     composite = LFPSNNEpsilonComposite(epsilon=EPSILON)
     with composite.context(model) as modified:
         inputs = frames.detach().clone().requires_grad_(True)
         spikes, hidden = _run(modified, inputs)
-        if case == "mlp":
+        if case in ("mlp", "cnn_pool"):
             reward = rf.SnnCorrectClassRewardSpikesRateCoded(CPU)(spikes.detach(), y)
         elif case == "mlp_random_reward":
             gen = torch.Generator().manual_seed(1)
@@ -182,7 +197,7 @@ def main(outdir: str) -> None:
     torch.set_default_dtype(torch.float64)
     os.makedirs(outdir, exist_ok=True)
     files = {"rewards": reward_fixture()}
-    for case in ("mlp", "mlp_random_reward"):
+    for case in ("mlp", "mlp_random_reward", "cnn_pool"):
         files[f"snn_{case}"] = snn_fixture(case)
     for name, data in files.items():
         path = os.path.join(outdir, f"{name}.npz")
