@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 Array = jax.Array
@@ -23,11 +24,13 @@ def _targets(z: Array, labels: ArrayLike) -> Array:
     """One-hot targets shaped like ``z`` from integer ``labels`` of shape ``z.shape[:-1]`` (or the
     targets themselves, shaped like ``z``). Concrete integer labels outside ``[0, classes)`` are refused
     (``jax.nn.one_hot`` would silently make them all-zero targets); traced ones cannot be checked."""
+    concrete = not isinstance(labels, jax.core.Tracer)
     labels = jnp.asarray(labels) if not isinstance(labels, jax.Array) else labels
     integer = jnp.issubdtype(labels.dtype, jnp.integer)
     if integer and labels.shape == z.shape[:-1]:
-        if not isinstance(labels, jax.core.Tracer) and labels.size:
-            low, high = int(jnp.min(labels)), int(jnp.max(labels))
+        if concrete and labels.size:  # numpy: labels closed over inside a jit trace are concrete too
+            values = np.asarray(labels)
+            low, high = int(values.min()), int(values.max())
             if low < 0 or high >= z.shape[-1]:
                 raise ValueError(f"labels must be class indices in [0, {z.shape[-1]}) for outputs with "
                                  f"{z.shape[-1]} classes, got values from {low} to {high}")

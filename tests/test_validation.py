@@ -231,3 +231,15 @@ def test_jax_debug_nans_raises_at_the_primitive_that_makes_the_nan():
         g(p, x, y)  # clean inputs: no error
         with pytest.raises(FloatingPointError, match="invalid value \\(nan\\) encountered in"):
             g(p, xi, y)
+
+
+def test_labels_closed_over_by_a_jitted_reward_are_checked_without_tracing():
+    """Concrete labels inside a jit trace (a closure) are range-checked on the host; the reward equals
+    its formula ``z ⊙ (onehot(y) − softmax(z))``."""
+    z = jax.random.normal(jax.random.key(3), (4, 3))
+    y = jnp.array([0, 2, 1, 2])
+    got = jax.jit(lambda z: rewards.softmax_loss(z, y))(z)
+    np.testing.assert_allclose(got, z * (jax.nn.one_hot(y, 3) - jax.nn.softmax(z)), rtol=1e-12)
+    bad = y + 1  # computed outside the trace: concrete
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        jax.jit(lambda z: rewards.softmax_loss(z, bad))(z)
