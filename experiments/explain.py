@@ -106,8 +106,7 @@ def trained_model(cfg: dict, epochs: int | None, *, retrain: bool = False, progr
             print(f"training {chosen['name']} ({chosen['method']}, {chosen['epochs']} epochs) into {out}")
         summary = train(chosen, progress=progress, dataset=dataset)
     trainer = Trainer(chosen, dataset)
-    with open(os.path.join(out, "checkpoint.msgpack"), "rb") as f:
-        trainer.load_state(f.read())
+    trainer.load_checkpoint(os.path.join(out, "checkpoint.msgpack"))
     return trainer, summary
 
 

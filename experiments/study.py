@@ -161,8 +161,7 @@ def _plot_boundaries(runner: Runner, path: str) -> None:
             if not os.path.exists(ckpt):
                 ax.set_visible(False)
                 continue
-            with open(ckpt, "rb") as f:
-                trainer.load_state(f.read())
+            trainer.load_checkpoint(ckpt)
             x, y = trainer.data.x_test, trainer.data.y_test
             lo, hi = x.min(0) - 0.5, x.max(0) + 0.5
             gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
@@ -251,8 +250,7 @@ def pruning_study(runner: Runner) -> dict:
             if runner.run(cfg) is None:
                 continue
             trainer = Trainer(cfg)
-            with open(os.path.join(config_lib.run_dir(cfg), "checkpoint.msgpack"), "rb") as f:
-                trainer.load_state(f.read())
+            trainer.load_checkpoint(os.path.join(config_lib.run_dir(cfg), "checkpoint.msgpack"))
             evaluate = lambda p, t=trainer: t.evaluate(p)["test_accuracy"]  # noqa: E731
             entry[method] = {
                 "gini": pruning.layer_gini(trainer.params),
@@ -331,8 +329,7 @@ def _spike_stats(runner: Runner, config_file: str, seed: int = 0, n: int = 1000)
     if not os.path.exists(ckpt):
         return None
     trainer = Trainer(cfg)
-    with open(ckpt, "rb") as f:
-        trainer.load_state(f.read())
+    trainer.load_checkpoint(ckpt)
     return models.spike_rates(trainer.model, trainer.params, trainer.data.x_test[:n],
                               jax.random.key(cfg["seed"]))
 

@@ -320,6 +320,11 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
         outs = evaluate(t.plan, full)
         return [o for o, fl in zip(outs, t.float_out) if fl], outs
 
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in t.leaves):
+        # called eagerly: run the rewritten program compiled (one XLA computation for the forward pass and
+        # one for the backward pass) instead of dispatching its operations one by one, which costs
+        # several times a compile on anything but the smallest model; under jit/vmap it is inlined anyway
+        f = jax.jit(f)
     float_outs, vjp_fn, outs = jax.vjp(f, *[t.leaves[k] for k in t.diff], has_aux=True)
     result = jtu.tree_unflatten(t.full_out_tree, outs)
     outputs, aux = result if has_aux else (result, None)

@@ -5,6 +5,10 @@ import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+# XLA's optimisation passes dominate the cost of the many small programs the tests compile (the CPU
+# backend spends ~0.25 s per program in them, ~2.5x the test time of a typical file) and change nothing
+# but rounding; the benchmarks, the training runs in subprocesses and the slow tests' children keep them.
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_addoption(parser):

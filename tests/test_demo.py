@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from _data import write_idx_dataset
 
 from experiments import demo, results, study
 
 
+@pytest.mark.slow
 def test_demo_compares_lfp_and_gradient_descent(tmp_path, capsys):
     table = demo.main(["--epochs", "2", "--out-dir", str(tmp_path), "--no-progress"])
     assert set(table["digits"]) == {"lfp", "gd"}
@@ -15,6 +17,7 @@ def test_demo_compares_lfp_and_gradient_descent(tmp_path, capsys):
     assert json.loads(out[-1]) == table
 
 
+@pytest.mark.slow
 def test_a_study_and_the_results_page(tmp_path):
     root = write_idx_dataset(tmp_path)  # MNIST-format files, whether or not MNIST is installed
     study.main(["rewards", "--quick", "--seeds", "1", "--quiet", "--out-dir", str(tmp_path / "runs"),

@@ -204,6 +204,7 @@ def _child(request):
         env = dict(os.environ)
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
         env["JAX_PLATFORMS"] = "cpu"
+        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as in this process (conftest): compile time only
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "_sharded_child.py")], env=env,
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

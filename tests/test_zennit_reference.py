@@ -193,7 +193,7 @@ def test_rule_parameters_are_validated():
         rules.Gamma(gamma=-0.1)
     with pytest.raises(ValueError, match="low must be <= high"):
         rules.ZBox(low=1.0, high=0.0)
-    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+    with pytest.raises(ValueError, match="epsilon must be finite and >= 0"):
         rules.ZPlus(-1e-6)
     with pytest.raises(TypeError, match="pairs"):
         composites.attn_lrp().with_rules(rules.ZPlus())
