@@ -11,7 +11,8 @@ if jaxlib.__version__.startswith("0.10."):
     # jaxlib 0.10's CPU fusion emitters take twice as long to compile a small program as the classic
     # ones (58 ms vs 31 ms per eager op here); later jaxlibs compile faster and no longer have the flag
     # (an unknown XLA flag aborts the process, hence the version check)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_fusion_emitters=false".strip()
 jax.config.update("jax_enable_x64", True)
 # XLA's optimisation passes dominate the cost of the many small programs the tests compile (the CPU
 # backend spends ~0.25 s per program in them, ~2.5x the test time of a typical file) and change nothing
