@@ -1,22 +1,13 @@
 """Test configuration: float64 everywhere, so identities can be checked to tight tolerances; long
 integration runs (marked ``slow``) run only with ``--slow`` (CI runs them: ``.ci/run``)."""
 
-import os
-
 import jax
-import jaxlib
 import pytest
 
-if jaxlib.__version__.startswith("0.10."):
-    # jaxlib 0.10's CPU fusion emitters take twice as long to compile a small program as the classic
-    # ones (58 ms vs 31 ms per eager op here); later jaxlibs compile faster and no longer have the flag
-    # (an unknown XLA flag aborts the process, hence the version check)
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_fusion_emitters=false".strip()
 jax.config.update("jax_enable_x64", True)
 # XLA's optimisation passes dominate the cost of the many small programs the tests compile (the CPU
 # backend spends ~0.25 s per program in them, ~2.5x the test time of a typical file) and change nothing
-# but rounding; the benchmarks, the training runs in subprocesses and the slow tests' children keep them.
+# but rounding; the benchmarks and the training subprocesses of the kill test keep them.
 jax.config.update("jax_disable_most_optimizations", True)
 
 
