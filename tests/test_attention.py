@@ -388,6 +388,7 @@ def _train_steps(fun, params, x, y, steps=40, lr=0.05):
     return params
 
 
+@pytest.mark.slow
 def test_flax_linen_and_nnx_attention_train_with_the_default_composite():
     """No opt-in: a one-layer attention classifier separates two token patterns."""
     x = jnp.concatenate([_rand(30, 8, 4, 6) + 1.0, _rand(31, 8, 4, 6) - 1.0])

@@ -149,7 +149,7 @@ def _assert_learns(cfg_path, tmp_path, learnable, text_file, *extra, margin=0.1)
     return summary
 
 
-@pytest.mark.parametrize("stem", ["digits_mlp_lfp", "digits_mlp_gd"])
+@pytest.mark.parametrize("stem", ["digits_mlp_lfp", pytest.param("digits_mlp_gd", marks=pytest.mark.slow)])
 def test_digits_configs_learn_beyond_what_an_untrained_model_scores(stem, tmp_path, learnable, text_file):
     """The real 8x8 digits (sklearn): two epochs reach the majority-class accuracy + 0.5."""
     _assert_learns(os.path.join(CONFIG_DIR, f"{stem}.yaml"), tmp_path, learnable, text_file,

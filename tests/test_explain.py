@@ -31,6 +31,7 @@ def _torch_like_params(model, x, rng):
     return params
 
 
+@pytest.mark.slow
 def test_heatmaps_of_an_untrained_lenet(tmp_path):
     """The pipeline of ``python -m experiments.explain`` minus the training: relevance of every preset
     this lfp_jax has for 2 images, the grid PNG and the report."""

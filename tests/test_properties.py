@@ -14,8 +14,9 @@ error ε/|y| or the rounding of R/z, not the property, would be tested).
     identity on ReLUs), the input relevance of each sample sums to the output relevance of that sample
     (a random seed of both signs) to 1e-8 of the sample's Σ|R_out|.
 
-Each example compiles (a new architecture): both properties share one jitted program, and 20 examples
-keep the file at about 20-30 s on two busy CPU cores.
+Each example compiles (a new architecture): both properties share one jitted program. The number of
+examples comes from the hypothesis profile that ``conftest.py`` loads: 10 in the default suite (about
+6 s), 60 with ``--slow`` (CI).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 import lfp_jax
 from lfp_jax import composites, rewards
 
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # examples: the profile
 MIN_ABS = 1e-3  # layer outputs are exactly 0 (a silent layer below) or at least this far from 0
 
 

@@ -91,7 +91,7 @@ def _per_example_case(name: str) -> dict:
             "batch": fb(params, x, y)}
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@pytest.mark.parametrize("name", ["cnn", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_vmap_per_example_feedback_equals_a_loop_over_examples(name):
     case = _per_example_case(name)
     for i, looped in enumerate(case["looped"]):
@@ -108,7 +108,7 @@ def test_per_example_feedback_sums_to_the_batch_feedback(name):
     assert max(errs) <= 1e-12, errs
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@pytest.mark.parametrize("name", ["cnn", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_per_example_feedback_satisfies_theorem1_example_by_example(name):
     case = _per_example_case(name)
     fun, params = case["fun"], case["params"]
@@ -178,7 +178,7 @@ def bf16_errors(name: str, batch: int = 64, seed: int = 0) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet"])
+@pytest.mark.parametrize("name", ["mlp", pytest.param("lenet", marks=pytest.mark.slow)])
 def test_bfloat16_feedback_is_close_to_float32_feedback(name):
     res = bf16_errors(name)
     assert res["dtypes"] == {"f32": ["float32"], "bf16": ["bfloat16"]}  # really f32 / bf16 (x64 is on)

@@ -264,6 +264,7 @@ def test_max_of_two_spike_trains_splits_reward_between_identical_branches():
     np.testing.assert_allclose(two["w_copy"], one / 2, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_flax_rnn_with_sequence_lengths_computed_from_its_input():
     """nn.RNN masks its carries with the lengths (an integer computed from the input)."""
 

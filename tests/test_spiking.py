@@ -284,6 +284,7 @@ def test_spike_count_softmax_loss_hand_computed():
 # --- baselines: gradient descent through the Heaviside cannot learn -------------------------------
 
 
+@pytest.mark.slow
 def test_gradient_through_the_true_heaviside_is_zero_and_the_surrogate_is_not():
     x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1)) * 2 - 1
     y = jnp.arange(4)

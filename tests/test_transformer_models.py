@@ -34,7 +34,7 @@ def test_the_decoder_is_causal_in_its_jacobian_and_in_its_relevance():
     assert np.all(per_token[:, 3:] == 0) and np.all(per_token[:, :3].sum(-1) > 0)
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pool", ["cls", pytest.param("mean", marks=pytest.mark.slow)])
 def test_vit_tokens_and_pooling(pool):
     model = models.build("vit", 10, patch=7, width=16, depth=1, heads=2, pool=pool)
     x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
@@ -58,6 +58,7 @@ def test_model_errors_say_what_to_change():
         model.apply({"params": params}, jnp.ones((1, T + 1, VOCAB)))
 
 
+@pytest.mark.slow
 def test_lfp_moves_every_transformer_parameter():
     """Under the default composite every ViT parameter that does not start at zero gets feedback:
     each softmax, product and normalisation has a rule that hands reward on to the layers before
@@ -80,6 +81,7 @@ def test_lfp_moves_every_transformer_parameter():
     assert len(moved) == 24
 
 
+@pytest.mark.slow
 def test_lfp_lowers_the_loss_of_a_small_language_model():
     model, params, x, tokens = _gpt()
     targets = jnp.roll(tokens, -1, axis=1)

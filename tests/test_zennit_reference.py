@@ -121,10 +121,15 @@ def test_every_rule_and_preset_gives_zennits_relevance(net):
     x, target = jnp.asarray(data["x"]), jnp.asarray(data["target"])
     np.testing.assert_allclose(NETS[net](params, x), data["logits"], rtol=1e-10)
     assert sorted(k.removeprefix("relevance/") for k in data if k.startswith("relevance/")) == sorted(CASES)
+    cases = _cases(float(data["low"]), float(data["high"]))
+
+    @jax.jit  # all cases in one program: one compile instead of sixteen (half the test's time)
+    def explain(params, x, target):
+        return {case: lfp_jax.lrp(NETS[net], composite)(params, x, target=target)[1]
+                for case, composite in cases.items()}
+
     failures = []
-    for case, composite in _cases(float(data["low"]), float(data["high"])).items():
-        explain = jax.jit(lfp_jax.lrp(NETS[net], composite))
-        _, relevance = explain(params, x, target=target)
+    for case, relevance in explain(params, x, target).items():
         expected = data[f"relevance/{case}"]
         scale = np.abs(expected).max()
         err = float(np.abs(np.asarray(relevance) - expected).max() / scale)
