@@ -196,6 +196,8 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
         return [o for o, fl in zip(outs, t.float_out) if fl], (outs, tp["values"], tp["moved"])
 
     differentiable = {"out": taps["out"], "in": taps["in"]}
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in t.leaves):
+        f = jax.jit(f)  # as in lfp_vjp: one compiled program instead of operation-by-operation dispatch
     _, vjp, (outs, values, moved) = jax.vjp(f, [t.leaves[k] for k in t.diff], differentiable, has_aux=True)
     outputs = jax.tree_util.tree_unflatten(t.full_out_tree, outs)
     reward = _check_reward(_output_relevance(outputs, target), outputs, t.out_tree)

@@ -83,7 +83,7 @@ def _bn_net():
     return bn, params, jnp.asarray(data["x"]), jnp.asarray(data["target"])
 
 
-@pytest.mark.parametrize("name", [pytest.param("lrp0", marks=pytest.mark.slow), "gamma", "flat", "wsquare"])
+@pytest.mark.parametrize("name", ["lrp0", "gamma", "flat", "wsquare"])
 def test_merged_batch_norm_layers_conserve_without_their_merged_bias(name):
     """The BatchNorm net (ReLU, max pooling, eval-mode BatchNorm merged into each layer): with the merged
     biases left out and ε = 0, rules whose denominators cannot vanish conserve at every site."""

@@ -231,6 +231,7 @@ def test_lstm_with_lengths_from_its_input_equals_the_hand_written_loop(mode):
                                                             "LSTMClassifier/Dense_0"}
 
 
+@pytest.mark.slow
 def test_lstm_per_example_feedback_under_vmap_sums_to_the_batch():
     params, x, _, y = _lstm_data()
     model = lambda p, x: LSTMClassifier().apply({"params": p}, x)  # noqa: E731

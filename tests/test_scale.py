@@ -99,7 +99,7 @@ def test_vmap_per_example_feedback_equals_a_loop_over_examples(name):
         assert max(errs) <= 1e-12, (i, errs)
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@pytest.mark.parametrize("name", ["cnn", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_per_example_feedback_sums_to_the_batch_feedback(name):
     case = _per_example_case(name)
     per, params, n = case["per"], case["params"], case["x"].shape[0]
@@ -178,7 +178,8 @@ def bf16_errors(name: str, batch: int = 64, seed: int = 0) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", ["mlp", pytest.param("lenet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param("mlp", marks=pytest.mark.slow),
+                                  pytest.param("lenet", marks=pytest.mark.slow)])
 def test_bfloat16_feedback_is_close_to_float32_feedback(name):
     res = bf16_errors(name)
     assert res["dtypes"] == {"f32": ["float32"], "bf16": ["bfloat16"]}  # really f32 / bf16 (x64 is on)

@@ -301,6 +301,7 @@ def test_gradient_through_the_true_heaviside_is_zero_and_the_surrogate_is_not():
         assert (total == 0.0) == zero
 
 
+@pytest.mark.slow
 def test_rate_encoded_frames_carry_reward_to_the_first_layer_and_rates_are_spike_means():
     model = models.build("snn_mlp", 10, hidden=(16,), steps=6, encoding="rate")
     images = jax.random.uniform(jax.random.key(0), (5, 28, 28, 1)) * 2 - 1
