@@ -15,6 +15,9 @@ def test_demo_compares_lfp_and_gradient_descent(tmp_path, capsys):
     assert table["digits"]["lfp"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == table
+    assert any("test accuracy after the last epoch" in line for line in out)
+    png = tmp_path / "curves.png"
+    assert f"test-accuracy curves: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
