@@ -18,7 +18,7 @@ from lfp_jax.composites import Composite, Match, lfp_epsilon
 from lfp_jax.conservation import ConservationReport, conservation
 from lfp_jax.errors import LFPError
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version number: pyproject.toml reads it (dynamic version)
 
 __all__ = [
     "Composite",
