@@ -206,9 +206,12 @@ class _Traced:
         """Warn about pairs added to a preset (``with_rules``) that select no site of this model: a
         misspelt path, label or kind would otherwise leave the preset's rule in place unnoticed."""
         all_sites = [site for _, site in sites.iter_sites(self.plan)]
-        for match, rule in unmatched(composite, all_sites):
-            paths = sorted({s.path for s in all_sites if s.path})
-            labels = sorted({f"{s.kind}/{s.label}" for s in all_sites})
+        missing = unmatched(composite, all_sites)
+        if not missing:
+            return
+        paths = sorted({s.path for s in all_sites if s.path})
+        labels = sorted({f"{s.kind}/{s.label}" for s in all_sites})
+        for match, rule in missing:
             warnings.warn(
                 f"{_show(match)} -> {_show(rule)} in composite {composite.name!r} selects no site of "
                 f"this model, so it has no effect. The model's sites (kind/label): {', '.join(labels)}"

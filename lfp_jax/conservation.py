@@ -136,6 +136,7 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
       A :class:`ConservationReport`. Runs eagerly (a diagnostic, not for a training loop).
     """
     from lfp_jax.api import (
+        _as_argnums,
         _check_reward,
         _input_argnums,
         _output_relevance,
@@ -144,10 +145,10 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
         _short_source,
         _Traced,
     )
-    from lfp_jax.composites import attn_lrp
+    from lfp_jax.composites import attn_lrp, check_composite
 
-    composite = attn_lrp() if composite is None else composite
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    composite = attn_lrp() if composite is None else check_composite(composite)
+    nums = _as_argnums(argnums, "argnums")
     inputs = _input_argnums(nums, len(args), ())
     t = _Traced(fun, args, composite, (), False, inputs, None)
     plan = t.plan

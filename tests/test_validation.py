@@ -243,3 +243,11 @@ def test_labels_closed_over_by_a_jitted_reward_are_checked_without_tracing():
     bad = y + 1  # computed outside the trace: concrete
     with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
         jax.jit(lambda z: rewards.softmax_loss(z, bad))(z)
+
+
+def test_conservation_checks_its_composite_and_argnums_as_the_transformations_do():
+    p, x, _ = _setup()
+    with pytest.raises(TypeError, match="got the string 'attn_lrp': call lfp_jax.composites.attn_lrp"):
+        lfp_jax.conservation(f, p, x, target=jnp.zeros(5, int), composite="attn_lrp")
+    with pytest.raises(TypeError, match="argnums must be an int"):
+        lfp_jax.conservation(f, p, x, target=jnp.zeros(5, int), argnums=1.0)
