@@ -364,5 +364,9 @@ def epsilon_gamma_box(low: Any = 0.0, high: Any = 1.0, epsilon: float = 1e-6, ga
                      ((_FIRST_CONV, box),))
 
 
+#: Names of the preset composites (functions of this module that return a :class:`Composite`).
 PRESETS = ("lfp_epsilon", "attn_lrp", "reference_vit", "epsilon_plus", "epsilon_plus_flat",
            "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box")
+
+__all__ = ["Match", "Composite", "PRESETS", "lfp_epsilon", "attn_lrp", "reference_vit", "epsilon_plus",
+           "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box"]

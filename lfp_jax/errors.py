@@ -24,7 +24,7 @@ class RewardError(LFPError):
 
 
 class FrozenParameterError(LFPError):
-    """Parameters that are exactly zero: LFP feedback is proportional to |θ| and can never move them."""
+    """Parameters that are exactly zero: LFP feedback is proportional to ``|θ|`` and can never move them."""
 
 
 class FrozenParameterWarning(UserWarning):
@@ -38,3 +38,6 @@ class UnmatchedRuleWarning(UserWarning):
 class ConservationError(LFPError):
     """A site whose rule should conserve relevance loses more than the tolerance (strict
     :func:`lfp_jax.conservation`)."""
+
+__all__ = ["LFPError", "NoRuleError", "UnsupportedControlFlowError", "RewardError", "FrozenParameterError",
+           "FrozenParameterWarning", "UnmatchedRuleWarning", "ConservationError"]

@@ -17,26 +17,46 @@ site output and returns ``c`` for every operand (``None`` for operands that carr
 
 Rules and where they apply (site kinds are listed in :mod:`lfp_jax.sites`):
 
-====================  ======================  ===============================================
-rule                  site kinds              backward
-====================  ======================  ===============================================
-:class:`Epsilon`      linear, sum, pool,      ε rule (the LFP default); exact Jacobian of the
-                      normalization           block, ``y/stab(y)`` at its output
-:class:`Identity`     activation              ``R_x = R_y``:  ``c_x = c_y · φ(x) / stab(x)``
-:class:`Gradient`     any                     the plain VJP (explicit opt-in, never a default)
-:class:`WinnerTakeAll` max_pool, max          reward to the arg-max / the larger operand
-:class:`Dropout`      dropout                 the reference's VJP on ``R`` (rescales by 1/(1-p)),
-                                              or the conservative ``R_x = mask ⊙ R_y``
-:class:`SpikingEpsilon` spiking (LIF step)   membrane-based normaliser, reward handed to the
-                                              previous membrane, Heaviside bypassed
-:class:`LinearRule`,  linear                  classic LRP rules as zennit 0.5 defines them, on
-:class:`ZPlus`,                               the whole layer (bias and eval-mode BatchNorm
-:class:`Gamma`,                               merged in) as *groups* of a modified forward pass;
-:class:`AlphaBeta`,                           they receive ``R`` at their output and hand ``R``
-:class:`Flat`,                                to their input (:mod:`lfp_jax.rules.lrp`)
-:class:`WSquare`,
-:class:`ZBox`
-====================  ======================  ===============================================
+.. list-table::
+   :header-rows: 1
+   :widths: 22 22 56
+
+   * - rule
+     - site kinds
+     - backward
+   * - :class:`Epsilon`
+     - linear, sum, pool, normalization
+     - ε rule (the LFP default); exact Jacobian of the block, ``y/stab(y)`` at its output
+   * - :class:`Identity`
+     - activation
+     - ``R_x = R_y``:  ``c_x = c_y · φ(x) / stab(x)``
+   * - :class:`Gradient`
+     - any
+     - the plain VJP (explicit opt-in, never a default)
+   * - :class:`WinnerTakeAll`
+     - max_pool, max
+     - reward to the arg-max / the larger operand
+   * - :class:`Dropout`
+     - dropout
+     - the reference's VJP on ``R`` (rescales by 1/(1-p)), or the conservative ``R_x = mask ⊙ R_y``
+   * - :class:`SpikingEpsilon`
+     - spiking (LIF step)
+     - membrane-based normaliser, reward handed to the previous membrane, Heaviside bypassed
+   * - :class:`SoftmaxTaylor`
+     - softmax
+     - AttnLRP's first-order Taylor rule at the raw scores: ``c_x = y ⊙ (c_y − Σ y ⊙ c_y)``
+   * - :class:`UniformProduct`
+     - bilinear
+     - AttnLRP's uniform rule: each of the ``n`` input-dependent factors gets ``1/n`` of the reward
+   * - :class:`ConstantStd`
+     - normalization
+     - LayerNorm / RMSNorm with ``1/σ`` held constant (AttnLRP)
+   * - :class:`LinearRule`, :class:`ZPlus`, :class:`Gamma`, :class:`AlphaBeta`, :class:`Flat`,
+       :class:`WSquare`, :class:`ZBox`
+     - linear
+     - classic LRP rules as zennit 0.5 defines them, on the whole layer (bias and eval-mode BatchNorm
+       merged in) as *groups* of a modified forward pass; they receive ``R`` at their output and hand
+       ``R`` to their input (:mod:`lfp_jax.rules.lrp`)
 """
 
 from lfp_jax.rules._base import ABSOLUTE, Rule, SiteCall, safe_divide, stabilize, with_backward

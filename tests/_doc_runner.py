@@ -1,0 +1,187 @@
+"""Runs the code blocks of a Markdown page (the README, ``docs/*.md``) as a reader would.
+
+Every ```` ```python ```` block of a page runs, in the order of the page, in one namespace (like the
+cells of a notebook), in a fresh interpreter with JAX's default settings (float32) and an empty working
+directory, so a page is a complete program. Markers are HTML comments (invisible on GitHub and on the
+documentation site) on the line before a fence:
+
+``<!-- test: output -->``
+    before a ```` ```text ```` block: what the previous Python block printed, compared as doctest does
+    (``...`` matches anything, whitespace is normalised).
+``<!-- test: skip: REASON -->``
+    before a Python block that is not run; the reason is required and should say what runs it instead.
+
+Shell blocks (```` ```bash ````) are not run (they start training runs); what they name is checked to
+exist: ``python -m MODULE`` must be importable, ``bash scripts/*.sh`` and ``--config FILE`` must exist.
+
+Usage: ``python tests/_doc_runner.py README.md docs/getting-started/linen.md`` (exit status 1 and the
+failing block's file and line on failure). ``tests/test_docs.py`` runs every page this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import doctest
+import importlib.util
+import io
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"^<!--\s*test:\s*(?P<kind>output|skip)\s*(?::\s*(?P<reason>.*?))?\s*-->\s*$")
+FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
+
+
+@dataclasses.dataclass
+class Block:
+    path: Path
+    line: int          # 1-based line of the opening fence
+    lang: str
+    code: str
+    marker: str | None = None
+    reason: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path}:{self.line}"
+
+
+def blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of a Markdown file, with the marker comment that precedes each."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    out, i, marker = [], 0, None
+    while i < len(lines):
+        m = MARKER.match(lines[i].strip())
+        if m:
+            if marker is not None:
+                raise ValueError(f"{path}:{marker[2]}: a test marker must be followed by a code block")
+            marker = (m["kind"], m["reason"], i + 1)
+            i += 1
+            continue
+        f = FENCE.match(lines[i])
+        if f is None:
+            if lines[i].strip() and marker is not None:
+                raise ValueError(f"{path}:{marker[2]}: a test marker must be followed by a code block")
+            i += 1
+            continue
+        fence, indent = f["fence"], len(f["indent"])
+        lang = f["info"].strip().split(" ")[0].strip("{}") if f["info"].strip() else ""
+        body, j = [], i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence[0] * len(fence)):
+            body.append(lines[j][indent:] if lines[j][:indent].strip() == "" else lines[j])
+            j += 1
+        block = Block(Path(path), i + 1, lang, "\n".join(body) + "\n")
+        if marker is not None:
+            block.marker, block.reason = marker[0], marker[1]
+            if block.marker == "skip" and not block.reason:
+                raise ValueError(f"{block.where}: 'test: skip' needs a reason: <!-- test: skip: why -->")
+            marker = None
+        out.append(block)
+        i = j + 1
+    return out
+
+
+def check_shell(block: Block) -> list[str]:
+    """What a shell block names that does not exist (modules, scripts, config files)."""
+    problems = []
+    text = block.code.replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            words = line.split()
+        for k, word in enumerate(words):
+            nxt = words[k + 1] if k + 1 < len(words) else ""
+            if word == "-m" and k > 0 and "python" in words[k - 1] and nxt:
+                sys.path.insert(0, str(ROOT))
+                try:
+                    found = importlib.util.find_spec(nxt) is not None
+                except ModuleNotFoundError:
+                    found = False
+                finally:
+                    sys.path.pop(0)
+                if not found:
+                    problems.append(f"{block.where}: module {nxt!r} (python -m) does not exist")
+            if word == "bash" and nxt.startswith("scripts/") and not (ROOT / nxt).exists():
+                problems.append(f"{block.where}: {nxt} does not exist")
+            if word == "--config" and nxt and "*" not in nxt and not (ROOT / nxt).exists():
+                problems.append(f"{block.where}: config file {nxt} does not exist")
+    return problems
+
+
+def run_page(path: Path) -> list[str]:
+    """Runs the page's Python blocks in order in one namespace; returns the problems found."""
+    page = blocks(path)
+    problems = []
+    for block in page:
+        if block.lang in ("bash", "sh", "shell", "console"):
+            problems += check_shell(block)
+    namespace: dict = {"__name__": "__main__"}
+    last_output, last_block = None, None
+    for block in page:
+        if block.marker == "output":
+            if last_block is None:
+                problems.append(f"{block.where}: an output block must follow a Python block")
+                continue
+            if last_output is None:
+                continue   # the block it belongs to failed or was skipped
+            checker = doctest.OutputChecker()
+            flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+            if not checker.check_output(block.code, last_output, flags):
+                diff = checker.output_difference(doctest.Example("", block.code), last_output, flags)
+                problems.append(f"{block.where}: the output of the block at line {last_block.line} differs "
+                                f"from the page\n{diff}")
+            continue
+        if block.lang not in ("python", "py"):
+            continue
+        last_block, last_output = block, None
+        if block.marker == "skip":
+            print(f"{block.where}: skipped ({block.reason})", file=sys.stderr)
+            continue
+        # padded so that line numbers in tracebacks are the page's
+        code = compile("\n" * block.line + block.code, str(block.path), "exec")
+        buffer = io.StringIO()
+        start = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(buffer):
+                exec(code, namespace)
+        except BaseException:   # noqa: BLE001 - report any failure of a page's code, with its traceback
+            problems.append(f"{block.where}: the block raised\n{traceback.format_exc()}")
+            print(buffer.getvalue(), end="")
+            break
+        last_output = buffer.getvalue()
+        print(last_output, end="")
+        print(f"{block.where}: ran in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    paths = [Path(p).resolve() for p in argv]
+    problems = []
+    for path in paths:
+        cwd = os.getcwd()
+        with tempfile.TemporaryDirectory(prefix="lfp_jax_docs_") as work:
+            os.chdir(work)
+            sys.path.insert(0, str(ROOT))   # the README's examples import experiments.*
+            try:
+                problems += run_page(path)
+            finally:
+                sys.path.remove(str(ROOT))
+                os.chdir(cwd)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
