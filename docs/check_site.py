@@ -1,6 +1,7 @@
 """Checks a built documentation site (``bash scripts/docs.sh`` runs it after Sphinx).
 
-1. Every public name of ``lfp_jax`` (its ``__all__`` and the ``__all__`` of each public submodule) is
+1. Every public name of ``lfp_jax`` (its ``__all__``, the ``__all__`` of each public submodule and of
+   ``lfp_jax.plot``) is
    documented in the API reference: listed in the site's ``objects.inv`` under that name or, for a
    re-export such as ``lfp_jax.Match``, under another public name of the same object; every public
    function and class has a docstring.
@@ -24,9 +25,10 @@ from urllib.parse import unquote, urlsplit
 def public_names() -> dict[str, object]:
     """``{"lfp_jax.X": obj, "lfp_jax.rules.Y": obj, ...}`` for every public name."""
     import lfp_jax
+    import lfp_jax.plot   # public, but not imported by lfp_jax: it needs matplotlib (an extra)
 
-    names: dict[str, object] = {}
-    modules = [lfp_jax]
+    names: dict[str, object] = {"lfp_jax.plot": lfp_jax.plot}
+    modules = [lfp_jax, lfp_jax.plot]
     for name in lfp_jax.__all__:
         obj = getattr(lfp_jax, name)
         names[f"lfp_jax.{name}"] = obj

@@ -604,7 +604,8 @@ def lfp_value_and_feedback(
     constant); a reward needing labels can be a closure, or the labels can be passed through
     ``reward_argnums``::
 
-        g = lfp_value_and_feedback(model.apply, lfp_jax.rewards.softmax_loss, reward_argnums=(2,))
+        fun = lambda p, x: model.apply({"params": p}, x)
+        g = lfp_value_and_feedback(fun, lfp_jax.rewards.softmax_loss, reward_argnums=(2,))
         logits, feedback = g(params, images, labels)   # fun(params, images); reward_fn(logits, labels)
         params = jax.tree.map(lambda p, f: p + lr * f, params, feedback)
 
@@ -612,7 +613,8 @@ def lfp_value_and_feedback(
 
         fun = lambda p, x, stats: net.apply({"params": p, "batch_stats": stats}, x)
         g = lfp_value_and_feedback(fun, rewards.softmax_loss, input_argnums=(1,), reward_argnums=(3,))
-        logits, feedback = g(params, images, batch_stats, labels)
+        variables = net.init(key, images)            # {"params": ..., "batch_stats": ...}
+        logits, feedback = g(variables["params"], images, variables["batch_stats"], labels)
 
     Args:
       fun: the model; ``fun(*args)`` with the reward arguments removed.

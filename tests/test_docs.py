@@ -86,3 +86,87 @@ def test_the_runner_passes_a_correct_example_with_ellipsis(tmp_path):
                     "<!-- test: output -->\n```text\ndtype float32 0.98...\n```\n")
     result = run_pages(page, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# ---- the examples in the docstrings (the API reference) -------------------------------------------
+
+def docstring_examples() -> list[tuple[str, str]]:
+    """``(public name, code)`` for every literal block (``::``) of a public docstring that is Python
+    (blocks that do not compile are printed output, e.g. ``describe``'s table)."""
+    import inspect
+    import re
+    import types
+
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from check_site import public_names
+    finally:
+        sys.path.pop(0)
+    out, seen = [], set()
+    for name, obj in public_names().items():
+        if not (inspect.isclass(obj) or inspect.isfunction(obj) or isinstance(obj, types.ModuleType)):
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        docs = [(name, inspect.getdoc(obj) or "")]
+        if inspect.isclass(obj):
+            docs += [(f"{name}.{k}", inspect.getdoc(v) or "") for k, v in vars(obj).items()
+                     if not k.startswith("_") and callable(v)]
+        for where, doc in docs:
+            for m in re.finditer(r"^(?P<lead>.*)::\n\n(?P<body>(?:[ \t]+.*\n|\n)+)", doc + "\n", re.M):
+                if m["lead"].strip().startswith(".. "):
+                    continue   # a directive (.. math::)
+                code = textwrap.dedent(m["body"]).strip() + "\n"
+                try:
+                    compile(code, where, "exec")
+                except SyntaxError:
+                    continue
+                out.append((where, code))
+    return out
+
+
+EXAMPLES = docstring_examples()
+
+
+def example_namespace() -> dict:
+    """The names the docstring examples take as given: a linen MLP ``model`` with ``params``, a batch of
+    ``images`` and ``labels`` (also ``x``), a PRNG ``key``, a BatchNorm network ``net`` (eval mode), a
+    learning rate ``lr``."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import lfp_jax
+    from lfp_jax import Match, lfp_value_and_feedback, rewards, rules
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1))))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.BatchNorm(use_running_average=True)(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+            return nn.Dense(10)(nn.relu(h))
+
+    key = jax.random.key(0)
+    images = jax.random.uniform(key, (4, 8, 8, 1))
+    labels = jnp.array([0, 3, 5, 9])
+    model, net = MLP(), Net()
+    params = lfp_jax.nn.torch_init(key, model.init(key, images)["params"])
+    return dict(jax=jax, jnp=jnp, lfp_jax=lfp_jax, rewards=rewards, rules=rules, Match=Match,
+                lfp_value_and_feedback=lfp_value_and_feedback, model=model, params=params, images=images,
+                labels=labels, x=images, key=key, net=net, lr=0.01)
+
+
+def test_the_docstrings_have_examples():
+    names = {where for where, _ in EXAMPLES}
+    assert {"lfp_jax.lfp_value_and_feedback", "lfp_jax.lrp", "lfp_jax.composites"} <= names
+
+
+@pytest.mark.parametrize("where,code", EXAMPLES, ids=[f"{w}-{i}" for i, (w, _) in enumerate(EXAMPLES)])
+def test_docstring_example_runs(where, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # examples may write files (heatmaps)
+    exec(compile(code, f"<docstring of {where}>", "exec"), example_namespace())
