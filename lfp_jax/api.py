@@ -822,9 +822,11 @@ def _short_source(line: str) -> str:
     return os.path.basename(path) + sep + rest if sep else line
 
 
-def _wrap(text: str, width: int) -> list[str]:
+def _wrap(text: str, width: int | None) -> list[str]:
     """``text`` cut into pieces of at most ``width`` characters, preferably after ``/``, ``+``, ``,``
-    or a space (a long module path, primitive list or rule stays readable)."""
+    or a space (a long module path, primitive list or rule stays readable); ``None``: never cut (numbers)."""
+    if width is None:
+        return [text]
     pieces = []
     while len(text) > width:
         cut = max(text.rfind(c, 0, width) for c in "/+, ")
@@ -834,8 +836,9 @@ def _wrap(text: str, width: int) -> list[str]:
     return pieces + [text]
 
 
-def _table(rows: list[tuple], widths: tuple[int, ...]) -> list[str]:
-    """Rows as aligned columns; a cell longer than its column's width wraps onto further lines."""
+def _table(rows: list[tuple], widths: tuple[int | None, ...]) -> list[str]:
+    """Rows as aligned columns; a cell longer than its column's width wraps onto further lines (a width of
+    ``None``: the column is as wide as its longest cell)."""
     cells = [[_wrap(c, w) for c, w in zip(r, widths)] for r in rows]
     cols = [max(len(piece) for r in cells for piece in r[c]) for c in range(len(widths))]
     lines = []

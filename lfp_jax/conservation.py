@@ -107,7 +107,7 @@ class ConservationReport:
                          f"{s.relevance_out:.6g}", f"{s.gap:.3g}", f"{100 * s.relative_gap:.3g}",
                          s.absorbed))
         lines = [f"composite: {self.composite}"]
-        lines += _table(rows, (4, 12, 10, 26, 18, 12, 12, 10, 8, 24))
+        lines += _table(rows, (4, 12, 10, 26, 18, None, None, None, None, 24))   # numbers never wrap
         lines.append(f"output relevance {self.output_relevance:.6g}, input relevance "
                      f"{self.input_relevance:.6g} ({_percent(self.input_relevance, self.output_relevance)} "
                      f"of it)")

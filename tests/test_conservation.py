@@ -112,6 +112,11 @@ def test_biases_and_epsilon_show_where_they_absorb_and_strict_mode_raises():
     np.testing.assert_allclose(report.input_relevance, float(jnp.sum(rel)), rtol=1e-10)
     text = str(report)
     assert text.startswith("composite: epsilon_plus(") and "R in" in text and "absorbed" in text
+    for s in report.sites:   # every number is printed whole on its site's first line (never wrapped)
+        row = next(line for line in text.splitlines() if line.split()[:1] == [str(s.index)])
+        for number in (f"{s.relevance_in:.6g}", f"{s.relevance_out:.6g}", f"{s.gap:.3g}",
+                       f"{100 * s.relative_gap:.3g}"):
+            assert f" {number} " in f" {row} ", (number, row)
     assert report.to_dict()["sites"][0]["kind"] == "linear"
     with pytest.raises(ConservationError, match="lose more than 0.001") as err:
         report.check(1e-3)

@@ -93,7 +93,8 @@ def test_a_composite_of_the_wrong_type_says_how_to_make_one(composite, message):
 @pytest.mark.parametrize("pair, message", [
     ((rules.Gradient(), Match(kind="activation")), r"got \(Gradient\(\), Match\(kind='activation'\)\): the "
                                                     r"order is \(Match, Rule\), swap the two"),
-    ((Match(kind="linear"), rules.ZPlus), r"got the class ZPlus .*pass an instance, ZPlus\(\)"),
+    ((Match(kind="linear"), rules.ZPlus),
+     r"got the class ZPlus in \(Match\(kind=.linear.\), ZPlus\): pass an instance, ZPlus\(\)"),
     (Match(kind="linear"), r"takes \(Match\(\.\.\.\), Rule\) pairs such as \(Match\(kind='linear'\), "
                            r"rules.ZPlus\(\)\); got Match"),
     ((Match(kind="linear"), rules.ZPlus(), 1), "takes .* pairs"),
