@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from lfp_jax import _compat
 from lfp_jax._dataflow import VROOT, VSINK
-from lfp_jax._graph import Graph
+from lfp_jax._graph import Graph, Lit
 from lfp_jax._primitives import ELEMENTWISE
 
 
@@ -88,9 +90,9 @@ def _include_max_shift(flow, region: set[int], x: int) -> int:
     q = flow.producer.get(shift) if isinstance(shift, int) else None
     chain, value = [], shift  # (value, the node that consumes it) from the shift up to the maximum
     consumer = p
-    while q is not None and g.nodes[q].name in ("broadcast_in_dim", "reshape", "transpose", "expand_dims"):
+    while q is not None and _shift_input(g.nodes[q]) is not None:
         chain.append((value, consumer))
-        consumer, value = q, g.nodes[q].inputs[0]
+        consumer, value = q, _shift_input(g.nodes[q])
         q = flow.producer.get(value) if isinstance(value, int) else None
     chain.append((value, consumer))
     if q is None:
@@ -104,6 +106,25 @@ def _include_max_shift(flow, region: set[int], x: int) -> int:
         region.update([p, q] + [c for _, c in chain[1:]])
         return scores
     return x
+
+
+def _is_minus_inf(atom) -> bool:
+    return isinstance(atom, Lit) and np.ndim(atom.value) == 0 and float(atom.value) == -np.inf
+
+
+def _shift_input(node) -> int | None:
+    """The operand that ``node`` passes on unchanged between the maximum and the subtraction of a
+    softmax's max shift: a keepdims-style move, or ``max(-inf, m)`` (jax ≥ 0.11 writes the maximum as
+    ``jnp.max(x, initial=-inf)``, which is ``m`` itself); None for anything else."""
+    if node.name in ("broadcast_in_dim", "reshape", "transpose", "expand_dims"):
+        return node.inputs[0]
+    if node.name == "max" and len(node.inputs) == 2:
+        a, b = node.inputs
+        if _is_minus_inf(a) and isinstance(b, int):
+            return b
+        if _is_minus_inf(b) and isinstance(a, int):
+            return a
+    return None
 
 
 def _constant_along_sum(flow, region: set[int], q: int, moves: list[int]) -> bool:
@@ -120,6 +141,9 @@ def _constant_along_sum(flow, region: set[int], q: int, moves: list[int]) -> boo
     value = g.nodes[q].outputs[0]
     for r in moves:
         node = g.nodes[r]
+        if node.name == "max" and _shift_input(node) == value:   # max(-inf, m) = m
+            value = node.outputs[0]
+            continue
         if node.name != "broadcast_in_dim" or node.inputs[0] != value:
             return False
         shape, src = node.params["shape"], g.aval(value).shape
