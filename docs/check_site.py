@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 def public_names() -> dict[str, object]:
     """``{"lfp_jax.X": obj, "lfp_jax.rules.Y": obj, ...}`` for every public name."""
     import lfp_jax
-    import lfp_jax.plot   # public, but not imported by lfp_jax: it needs matplotlib (an extra)
+    import lfp_jax.plot  # public, but not imported by lfp_jax: it needs matplotlib (an extra)
 
     names: dict[str, object] = {"lfp_jax.plot": lfp_jax.plot}
     modules = [lfp_jax, lfp_jax.plot]
@@ -128,7 +128,8 @@ def check_links(html_dir: Path) -> tuple[list[str], int, int]:
             elif parts.fragment and target.suffix == ".html":
                 ids = pages[target].ids if target in pages else set()
                 if unquote(parts.fragment) not in ids:
-                    problems.append(f"{rel}: broken link {link!r} (no id {parts.fragment!r} in {target.name})")
+                    problems.append(
+                        f"{rel}: broken link {link!r} (no id {parts.fragment!r} in {target.name})")
     return problems, checked, len(pages)
 
 
@@ -140,8 +141,8 @@ def main(argv: list[str]) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     n_names = len(public_names())
-    print(f"{html_dir}: {n_pages} pages, {n_names} public names documented, {checked} internal links checked, "
-          f"{len(problems)} problem{'s' if len(problems) != 1 else ''}")
+    print(f"{html_dir}: {n_pages} pages, {n_names} public names documented, {checked} internal links "
+          f"checked, {len(problems)} problem{'s' if len(problems) != 1 else ''}")
     return 1 if problems else 0
 
 

@@ -79,9 +79,10 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
 def _include_max_shift(flow, region: set[int], x: int) -> int:
     """``jax.nn.softmax`` computes ``exp(x − stop_gradient(max x))``: take the subtraction into the
     site, so that its input (where the ε of the block producing the scores is applied) is the raw
-    scores. A softmax written with the maximum not stopped (``exp(x − x.max(-1, keepdims=True))``)
-    gets the maximum into the site too: the same function of ``x``, whose derivative through the
-    maximum is zero. Returns the new region input."""
+    scores. A softmax written with the maximum not stopped (``exp(x − x.max(-1, keepdims=True))``,
+    and jax ≥ 0.12.1's ``max(-inf, reduce_max x)``, also with the scores and the maximum transposed
+    before the subtraction) gets the maximum into the site too: the same function of ``x``, whose
+    derivative through the maximum is zero. Returns the new region input."""
     g = flow.g
     p = flow.producer.get(x)
     if p is None or g.nodes[p].name != "sub":
@@ -100,11 +101,21 @@ def _include_max_shift(flow, region: set[int], x: int) -> int:
     if g.nodes[q].name == "stop_gradient" and flow._tin(p) == [scores]:
         region.add(p)
         return scores
-    if (g.nodes[q].name == "reduce_max" and g.nodes[q].inputs[0] == scores
-            and all(flow.consumers.get(v) == [c] and v not in flow.out_vars for v, c in chain)
-            and _constant_along_sum(flow, region, q, [c for _, c in chain[1:]][::-1])):
-        region.update([p, q] + [c for _, c in chain[1:]])
-        return scores
+    if g.nodes[q].name != "reduce_max" or not all(
+            flow.consumers.get(v) == [c] and v not in flow.out_vars for v, c in chain):
+        return x
+    # the maximum is taken of the scores themselves or of the array they are a transpose of (jax ≥ 0.12
+    # writes softmax over a non-last axis as a transpose of the input and of its maximum)
+    base, perm, extra = scores, None, []
+    t = flow.producer.get(scores) if isinstance(scores, int) else None
+    if (g.nodes[q].inputs[0] != scores and t is not None and g.nodes[t].name == "transpose"
+            and g.nodes[t].inputs[0] == g.nodes[q].inputs[0]
+            and flow.consumers.get(scores) == [p] and scores not in flow.out_vars):
+        base, perm, extra = g.nodes[t].inputs[0], tuple(g.nodes[t].params["permutation"]), [t]
+    if g.nodes[q].inputs[0] == base and _constant_along_sum(flow, region, q, [c for _, c in chain[1:]][::-1],
+                                                           perm):
+        region.update([p, q] + [c for _, c in chain[1:]] + extra)
+        return base
     return x
 
 
@@ -127,22 +138,28 @@ def _shift_input(node) -> int | None:
     return None
 
 
-def _constant_along_sum(flow, region: set[int], q: int, moves: list[int]) -> bool:
-    """Whether the maximum ``q`` (a ``reduce_max`` of the scores) is taken over exactly the axes the
-    softmax sums over and put back along them by ``moves`` (keepdims-style ``broadcast_in_dim``s),
-    so that subtracting it leaves the softmax unchanged (and its derivative through the maximum 0)."""
+def _constant_along_sum(flow, region: set[int], q: int, moves: list[int],
+                        perm: tuple[int, ...] | None = None) -> bool:
+    """Whether the maximum ``q`` (a ``reduce_max`` of the softmax input) is taken over exactly the axes
+    the softmax sums over and put back along them by ``moves`` (keepdims-style ``broadcast_in_dim``s,
+    transposes, ``max(-inf, ·)``), so that subtracting it leaves the softmax unchanged (and its
+    derivative through the maximum 0). ``perm``: the scores are ``transpose(input, perm)``."""
     g = flow.g
+    n = len(g.aval(g.nodes[q].inputs[0]).shape)
+    perm = tuple(range(n)) if perm is None else perm   # scores dimension j is input dimension perm[j]
     sums = [g.nodes[r].params["axes"] for r in region if g.nodes[r].name == "reduce_sum"]
     axes = tuple(sorted(g.nodes[q].params["axes"]))
-    if len(sums) != 1 or tuple(sorted(sums[0])) != axes:
+    if len(sums) != 1 or tuple(sorted(perm[a] for a in sums[0])) != axes:
         return False
-    n = len(g.aval(g.nodes[q].inputs[0]).shape)
-    dims: list = [d for d in range(n) if d not in axes]  # scores dimension of each dimension
+    dims: list = [d for d in range(n) if d not in axes]  # input dimension of each dimension
     value = g.nodes[q].outputs[0]
     for r in moves:
         node = g.nodes[r]
         if node.name == "max" and _shift_input(node) == value:   # max(-inf, m) = m
             value = node.outputs[0]
+            continue
+        if node.name == "transpose" and node.inputs[0] == value:
+            dims, value = [dims[i] for i in node.params["permutation"]], node.outputs[0]
             continue
         if node.name != "broadcast_in_dim" or node.inputs[0] != value:
             return False
@@ -151,7 +168,7 @@ def _constant_along_sum(flow, region: set[int], q: int, moves: list[int]) -> boo
         for i, j in enumerate(node.params["broadcast_dimensions"]):
             new[j] = dims[i] if src[i] == shape[j] else None
         dims, value = new, node.outputs[0]
-    return dims == [None if d in axes else d for d in range(n)]
+    return dims == [None if perm[j] in axes else perm[j] for j in range(n)]
 
 
 def product_chains(flow, singles: dict) -> dict:

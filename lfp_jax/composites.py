@@ -132,8 +132,8 @@ def _check_pair(pair: Any, where: str) -> None:
         if callable(sel) and not isinstance(sel, (R.Rule, type)) and isinstance(rule, R.Rule):
             return
         if isinstance(rule, type) and issubclass(rule, R.Rule):
-            raise TypeError(f"{where} takes {_PAIR_FORM}; got the class {rule.__name__} in ({_show(sel)}, {rule.__name__}): "
-                            f"pass an instance, {rule.__name__}()")
+            raise TypeError(f"{where} takes {_PAIR_FORM}; got the class {rule.__name__} in "
+                            f"({_show(sel)}, {rule.__name__}): pass an instance, {rule.__name__}()")
     shown = f"({', '.join(map(_show, pair))})" if isinstance(pair, tuple) else _show(pair)
     raise TypeError(f"{where} takes {_PAIR_FORM}; got {shown} ({type(pair).__name__})")
 

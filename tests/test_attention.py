@@ -150,14 +150,23 @@ def _softmax_max_initial(s):
     return e / e.sum(-1, keepdims=True)
 
 
+def _softmax_transposed(s):
+    """Each row's softmax computed in the transposed layout with the rows' maximum put back along it (as
+    jax 0.12.1 writes the softmax of nnx attention: transposes between the maximum and the shift)."""
+    m = jnp.max(s, -1, initial=-jnp.inf)
+    e = jnp.exp(s.T - m[None, :])
+    return (e / e.sum(0, keepdims=True)).T
+
+
 def _softmax_plain(s):
     e = jnp.exp(s)
     return e / jnp.sum(e, -1, keepdims=True)
 
 
 @pytest.mark.parametrize("softmax", [jax.nn.softmax, _softmax_stopped_max, _softmax_max, _softmax_max_initial,
-                                     _softmax_plain],
-                         ids=["jax.nn.softmax", "stopped max", "max", "max with initial -inf", "no shift"])
+                                     _softmax_transposed, _softmax_plain],
+                         ids=["jax.nn.softmax", "stopped max", "max", "max with initial -inf", "transposed",
+                              "no shift"])
 def test_an_attention_head_under_the_default_composite_equals_the_hand_computation(softmax):
     """x ↦ softmax(mask(q kᵀ)) v with q, k, v = x W: every ε of lfp_epsilon (large here, 0.3, so
     that each stabiliser shows) applied where the formulas put it: at the Dense outputs, at the

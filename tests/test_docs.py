@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from _doc_runner import ROOT, blocks
 
-ALL_PAGES = sorted([ROOT / "README.md", *(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)])
+ALL_PAGES = sorted([ROOT / "README.md",
+                    *(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)])
 # the front door here; the guide's pages in tests/test_docs_guide.py (another file, so that pytest-xdist
 # runs the two halves on different workers)
 FRONT = {"README.md", "docs/index.md", "docs/api.md"}
@@ -43,7 +44,8 @@ def check_page(page: Path) -> None:
     if not any(b.lang in ("python", "py", "bash", "sh") for b in blocks(page)):
         pytest.skip("no code blocks")
     result = run_pages(page)
-    assert result.returncode == 0, f"{page.relative_to(ROOT)}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, \
+        f"{page.relative_to(ROOT)}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
@@ -83,7 +85,8 @@ def test_the_runner_fails_on_a_wrong_example(tmp_path):
     assert "Expected:\n    x = 5\nGot:\n    x = 4" in result.stderr
     assert "module 'experiments.no_such_module' (python -m) does not exist" in result.stderr
     assert "config file configs/no_such.yaml does not exist" in result.stderr
-    assert f"{page}:13: the block raised" in result.stderr and "RuntimeError: this example is broken" in result.stderr
+    assert f"{page}:13: the block raised" in result.stderr
+    assert "RuntimeError: this example is broken" in result.stderr
     assert f'File "{page}", line 14' in result.stderr   # tracebacks point into the page
 
     page.write_text("<!-- test: skip -->\n```python\npass\n```\n")

@@ -62,7 +62,8 @@ def check(html_dir: Path, shots: Path | None) -> list[str]:
             shot = shots / (str(rel).replace("/", "__").removesuffix(".html") + ".png")
             browse(browser, page, "--window-size=1400,2200", f"--screenshot={shot}")
             status += f"  {shot}"
-        print(f"{str(rel):40s} {re.sub(r'<[^>]+>', '', title.group(1)).strip()[:40] if title else '-':42s} {status}")
+        heading = re.sub(r"<[^>]+>", "", title.group(1)).strip()[:40] if title else "-"
+        print(f"{str(rel):40s} {heading:42s} {status}")
     return problems
 
 

@@ -28,9 +28,10 @@ class SoftmaxTaylor(Rule):
         \qquad\Longleftrightarrow\qquad
         c_x = y \odot \big(c_y - \textstyle\sum_j y_j\, c_{y,j}\big),
 
-    the sums along the softmax axis. ``x`` are the raw scores: ``jax.nn.softmax`` first subtracts a
-    stop-gradient maximum, and the site includes that shift, so the rule (and the ε of the block that
-    produced the scores) applies to the scores themselves. Masked scores (``-inf``) receive 0. In the
+    the sums along the softmax axis. ``x`` are the raw scores: ``jax.nn.softmax`` first subtracts the
+    row maximum (stopped, or ``max(-inf, max x)`` since jax 0.12.1, transposed where the softmax axis
+    is not last), and the site includes that shift, so the rule (and the ε of the block that produced
+    the scores) applies to the scores themselves. Masked scores (``-inf``) receive 0. In the
     normalised form the rule is the plain VJP of the softmax, so it costs what a gradient costs. It
     does not conserve reward: ``Σ R_x = Σ x ⊙ R_y − (Σ x ⊙ y)(Σ R_y)`` differs from ``Σ R_y``. No
     stabiliser at the output (as in LXT).
@@ -74,6 +75,8 @@ class SoftmaxTaylor(Rule):
 # sites whose VJP is y ⊙ (c_y − Σ y ⊙ c_y) along the summed axes
 _PLAIN_SOFTMAX = {("sub", "exp", "reduce_sum", "broadcast_in_dim", "div"),
                   ("reduce_max", "broadcast_in_dim", "sub", "exp", "reduce_sum", "broadcast_in_dim", "div"),
+                  ("reduce_max", "max", "broadcast_in_dim", "sub", "exp", "reduce_sum", "broadcast_in_dim",
+                   "div"),   # jax >= 0.12.1: the maximum as max(-inf, reduce_max x)
                   ("exp", "reduce_sum", "broadcast_in_dim", "div")}
 
 
