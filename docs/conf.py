@@ -52,11 +52,6 @@ python_use_unqualified_type_names = True
 
 html_theme = "furo"
 html_title = f"lfp_jax {release}"
-html_static_path: list[str] = []
 html_theme_options = {"navigation_with_keys": True}
 pygments_style = "friendly"
 pygments_dark_style = "monokai"
-
-# every warning is an error (scripts/docs.sh passes -W); nothing may be left unresolved
-nitpicky = False
-suppress_warnings: list[str] = []

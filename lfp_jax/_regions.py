@@ -125,7 +125,7 @@ def _is_minus_inf(atom) -> bool:
 
 def _shift_input(node) -> int | None:
     """The operand that ``node`` passes on unchanged between the maximum and the subtraction of a
-    softmax's max shift: a keepdims-style move, or ``max(-inf, m)`` (jax ≥ 0.11 writes the maximum as
+    softmax's max shift: a keepdims-style move, or ``max(-inf, m)`` (jax ≥ 0.12.1 writes the maximum as
     ``jnp.max(x, initial=-inf)``, which is ``m`` itself); None for anything else."""
     if node.name in ("broadcast_in_dim", "reshape", "transpose", "expand_dims"):
         return node.inputs[0]

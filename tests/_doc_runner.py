@@ -53,6 +53,15 @@ class Block:
         return f"{self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path}:{self.line}"
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a page (or a page's program) run in a fresh interpreter: this process's,
+    without its ``JAX_*`` / ``XLA_*`` settings (the suite's x64), on the CPU, with XLA's optimisation
+    passes off (compile time only, as in the rest of the suite), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1", **extra)
+    return env
+
+
 def blocks(path: Path) -> list[Block]:
     """The fenced code blocks of a Markdown file, with the marker comment that precedes each."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()

@@ -5,14 +5,13 @@ its Python blocks in page order in one namespace, printed results compared with 
 blocks; shell blocks are checked for modules, scripts and configs that do not exist.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from _doc_runner import ROOT, blocks
+from _doc_runner import ROOT, blocks, subprocess_env
 
 ALL_PAGES = sorted([ROOT / "README.md",
                     *(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)])
@@ -25,12 +24,8 @@ RUNNER = Path(__file__).with_name("_doc_runner.py")
 
 
 def run_pages(*pages: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env["JAX_PLATFORMS"] = "cpu"
-    # compile time only (as in the rest of the suite); the pages' numbers do not depend on it
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     return subprocess.run([sys.executable, str(RUNNER), *map(str, pages)], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+                          env=subprocess_env(), timeout=timeout, cwd=ROOT)
 
 
 def test_every_page_is_found():

@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 import pytest
-from _doc_runner import ROOT, blocks
+from _doc_runner import ROOT, blocks, subprocess_env
 
 PAGE = ROOT / "docs" / "scaling.md"
 TIMEOUT = 300  # seconds for each run (measured: 5-10 s for the 2-process run on 2 cores)
@@ -49,13 +49,9 @@ def free_port() -> int:
 
 
 def environment(devices: int, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # compile time only, as in the rest of the suite
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               NUM_STEPS="3")
-    env.update(extra)
-    return env
+    path = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return subprocess_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=path,
+                          NUM_STEPS="3", **extra)
 
 
 def start(script, cwd, env) -> subprocess.Popen:
