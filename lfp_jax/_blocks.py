@@ -180,12 +180,14 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, context) -> None:
     src = [flow.sources.get(a, 0) if isinstance(a, int) else 0 for a in node.inputs]
     origin = [flow.origin.get(a) if isinstance(a, int) else None for a in node.inputs]
     classes = [flow.classes.get(a) if isinstance(a, int) else None for a in node.inputs]
+    sub_roles = flow.sub_roles.get(i, {})
 
     first = [isinstance(a, int) and flow.reads_model_input(a) for a in node.inputs]
 
     def _subplan(graph, taint, in_eps, wrap_out, skip=0, in_first=None, in_relevance=None):
+        roles = sub_roles.get("branches" if skip else "jaxpr")
         return _analyse_sub(graph, taint, context, in_eps, wrap_out, src[skip:], origin[skip:],
-                            classes[skip:], in_first, in_relevance)
+                            classes[skip:], in_first, in_relevance, roles)
 
     if node.name in _compat.WHILE:
         raise UnsupportedControlFlowError(
@@ -240,9 +242,10 @@ _BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear",
 
 
 def _analyse_sub(graph: Graph, taint: list[bool], context: Any, in_eps: list, wrap_out: list,
-                 in_src: list, in_origin: list, in_class: list, in_first=None, in_relevance=None) -> Any:
+                 in_src: list, in_origin: list, in_class: list, in_first=None, in_relevance=None,
+                 in_roles=None) -> Any:
     from lfp_jax.sites import analyse  # sites imports this module
 
-    return analyse(graph, taint, output_taint(graph, taint), context, in_eps=in_eps,
+    return analyse(graph, taint, output_taint(graph, taint, in_roles), context, in_eps=in_eps,
                    wrap_out=wrap_out, in_src=in_src, in_origin=in_origin, in_class=in_class,
-                   nested=True, in_first=in_first, in_relevance=in_relevance)
+                   nested=True, in_first=in_first, in_relevance=in_relevance, in_roles=in_roles)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from lfp_jax import _compat
+from lfp_jax import _compat, _embedding
 from lfp_jax._graph import Graph, Node, is_float
 from lfp_jax._primitives import ELEMENTWISE, MOVES, NO_REWARD
 from lfp_jax.errors import NoRuleError
@@ -41,6 +41,10 @@ class Taint:
       sources: per input-dependent value, a bit mask of the graph inputs' ``in_src`` masks it comes from.
       classes: per input-dependent integer/boolean value, its :class:`IndexClass`.
       compare_selects: ``where(a > b, a, b)`` and the like: a max or min of two values.
+      roles: per value, its :mod:`~lfp_jax._embedding` role (id value, parameter value, constant).
+      embeddings: per embedding lookup node, ``(label, positions of its id operands)``; its outputs
+        are reward sources.
+      sub_roles: per control-flow node, the roles of each of its sub-graphs' inputs.
     """
 
     tainted: set
@@ -51,6 +55,9 @@ class Taint:
     sources: dict
     classes: dict
     compare_selects: set = dataclasses.field(default_factory=set)
+    roles: dict = dataclasses.field(default_factory=dict)
+    embeddings: dict = dataclasses.field(default_factory=dict)
+    sub_roles: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,30 +83,65 @@ class IndexClass:
 _NO_CLASS = IndexClass(frozenset(), True, False)
 
 
-def output_taint(graph: Graph, in_taint: list[bool]) -> list[bool]:
+def output_taint(graph: Graph, in_taint: list[bool], in_roles: list | None = None) -> list[bool]:
     """Per output of ``graph``: whether it is a floating-point value that depends on the inputs."""
-    tainted = taint(graph, in_taint).tainted
+    tainted = taint(graph, in_taint, in_roles=in_roles).tainted
     return [isinstance(o, int) and o in tainted and is_float(graph.aval(o)) for o in graph.outputs]
 
 
 def taint(graph: Graph, in_taint: list[bool], in_src: list[int] | None = None,
-          in_class: list | None = None) -> Taint:
+          in_class: list | None = None, in_roles: list | None = None) -> Taint:
     """Input-dependent values of ``graph`` and the edges reward flows along (see the module docstring).
 
     ``in_class`` gives the :class:`IndexClass` of input-dependent integer/boolean inputs (sub-graphs);
-    without it they count as indices.
+    without it they count as indices. ``in_roles`` gives each input's role (token ids, a parameter;
+    see :mod:`lfp_jax._embedding`): the outputs of embedding lookups are input-dependent.
     """
     tainted = {v for v, t in zip(graph.inputs, in_taint) if t}
-    src = {v: (in_src[k] if in_src else 0) for k, v in enumerate(graph.inputs) if in_taint[k]}
+    src = {v: (in_src[k] if in_src else 0) for k, v in enumerate(graph.inputs)
+           if in_taint[k] or (in_roles and in_roles[k] == _embedding.IDS)}
+    roles = {v: r for v, r in zip(graph.inputs, in_roles or ()) if r is not None and v not in tainted}
     classes = {}
     for k, v in enumerate(graph.inputs):
         if in_taint[k] and not is_float(graph.avals[v]):
             given = in_class[k] if in_class else None
             classes[v] = given if given is not None else IndexClass(frozenset({v}), False, False)
-    result = Taint(tainted, {}, set(), set(), {}, src, classes)
+    result = Taint(tainted, {}, set(), set(), {}, src, classes, roles=roles)
     frontier = _Frontier(graph, tainted)
     for i, node in enumerate(graph.nodes):
         tin = [p for p, a in enumerate(node.inputs) if isinstance(a, int) and a in tainted]
+        if not tin and roles:
+            found = _embedding.lookup(graph, node, roles)
+            if found is not None:  # an embedding lookup: a reward source
+                result.embeddings[i] = found
+                result.edges[i] = ()
+                mask = functools.reduce(lambda m, p: m | src.get(node.inputs[p], 0), found[1], 0)
+                for o in node.outputs:
+                    if o is not None:
+                        tainted.add(o)
+                        src[o] = mask
+                continue
+            r = _embedding.role(node, roles, tainted)
+            if r is not None:
+                for o in node.outputs:
+                    if o is not None:
+                        roles[o] = r
+                        if r == _embedding.IDS:
+                            src[o] = functools.reduce(
+                                lambda m, a: m | src.get(a, 0) if isinstance(a, int) else m, node.inputs, 0)
+            elif node.subgraphs and any(isinstance(a, int) and roles.get(a) == _embedding.IDS
+                                        for a in node.inputs):
+                flags = [False] * len(node.inputs)
+                out_t, result.sub_in[i], result.sub_roles[i] = _control_flow_taint(
+                    node, flags, [roles.get(a) if isinstance(a, int) else None for a in node.inputs])
+                if any(out_t):
+                    result.edges[i] = ()
+                    for o, t in zip(node.outputs, out_t):
+                        if t and o is not None and is_float(graph.avals[o]):
+                            tainted.add(o)
+                            src[o] = functools.reduce(
+                                lambda m, a: m | src.get(a, 0) if isinstance(a, int) else m, node.inputs, 0)
+            continue
         if not tin or node.name in NO_REWARD:
             continue
         floats = [p for p in tin if is_float(graph.aval(node.inputs[p]))]
@@ -107,11 +149,12 @@ def taint(graph: Graph, in_taint: list[bool], in_src: list[int] | None = None,
         mask = functools.reduce(lambda m, p: m | src.get(node.inputs[p], 0), tin, 0)
         if node.subgraphs:
             flags = [p in tin for p in range(len(node.inputs))]
-            out_t, result.sub_in[i] = _control_flow_taint(node, flags)
+            out_t, result.sub_in[i], result.sub_roles[i] = _control_flow_taint(
+                node, flags, [roles.get(a) if isinstance(a, int) else None for a in node.inputs])
             result.edges[i] = tuple(floats)
             out_cls = _control_flow_classes(node, result.sub_in[i], flags,
                                             [classes.get(a) if isinstance(a, int) else None
-                                             for a in node.inputs])
+                                             for a in node.inputs], result.sub_roles[i])
         else:
             out_cls = None
             decision = _decide(graph, node, floats, index, classes, frontier) if index else "reward"
@@ -248,23 +291,29 @@ class _Frontier:
         return ins
 
 
-def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
+def _control_flow_taint(node: Node, tin: list[bool], roles: list | None = None
+                        ) -> tuple[list[bool], dict, dict]:
+    """Per output of a control-flow node: input-dependent; and per sub-graph the taint and the roles
+    (:mod:`~lfp_jax._embedding`) of its inputs. Carries have no role: a value carried from step to step
+    is neither the model's ids nor a parameter."""
     name = node.name
+    roles = list(roles) if roles is not None else [None] * len(tin)
     if name in _compat.SCAN:
         n_consts, n_carry = _compat.scan_layout(node.params)
         body = node.subgraphs["jaxpr"]
         carry = tin[n_consts:n_consts + n_carry]
+        body_roles = roles[:n_consts] + [None] * n_carry + roles[n_consts + n_carry:]
         while True:
             body_in = tin[:n_consts] + carry + tin[n_consts + n_carry:]
-            out = _all_output_taint(body, body_in)
+            out = _all_output_taint(body, body_in, body_roles)
             new = [a or b for a, b in zip(carry, out[:n_carry])]
             if new == carry:
-                return out, {"jaxpr": body_in}
+                return out, {"jaxpr": body_in}, {"jaxpr": body_roles}
             carry = new
     if name in _compat.COND:
         branches = node.subgraphs["branches"]
-        outs = [_all_output_taint(b, tin[1:]) for b in branches]
-        return [any(col) for col in zip(*outs)], {"branches": tin[1:]}
+        outs = [_all_output_taint(b, tin[1:], roles[1:]) for b in branches]
+        return [any(col) for col in zip(*outs)], {"branches": tin[1:]}, {"branches": roles[1:]}
     if name in _compat.WHILE:
         nc, nb = _compat.while_layout(node.params)
         carry = tin[nc + nb:]
@@ -272,10 +321,10 @@ def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
             out = _all_output_taint(node.subgraphs["body_jaxpr"], tin[nc:nc + nb] + carry)
             new = [a or b for a, b in zip(carry, out)]
             if new == carry:
-                return carry, {}
+                return carry, {}, {}
             carry = new
     if name in _compat.REMAT:
-        return _all_output_taint(node.subgraphs["jaxpr"], tin), {"jaxpr": tin}
+        return _all_output_taint(node.subgraphs["jaxpr"], tin, roles), {"jaxpr": tin}, {"jaxpr": roles}
     raise NoRuleError(
         f"the higher-order primitive `{name}` at {node.where} receives "
         f"input-dependent values, and lfp_jax cannot look inside it (supported: jit, custom_jvp, "
@@ -284,23 +333,26 @@ def _control_flow_taint(node: Node, tin: list[bool]) -> tuple[list[bool], dict]:
     )
 
 
-def _control_flow_classes(node: Node, sub_in: dict, tin: list[bool], in_classes: list) -> list:
+def _control_flow_classes(node: Node, sub_in: dict, tin: list[bool], in_classes: list,
+                          sub_roles: dict | None = None) -> list:
     """Per output of a control-flow node: the :class:`IndexClass` of an integer/boolean output (a
     comparison crossing the boundary is no longer *pure*: a site cannot reach into the body), else
     ``None``."""
     name = node.name
+    sub_roles = sub_roles or {}
     if name in _compat.SCAN or name in _compat.REMAT:
-        pairs = [(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_classes)]
+        pairs = [(node.subgraphs["jaxpr"], sub_in["jaxpr"], in_classes, sub_roles.get("jaxpr"))]
     elif name in _compat.COND:
-        pairs = [(b, sub_in["branches"], in_classes[1:]) for b in node.subgraphs["branches"]]
+        pairs = [(b, sub_in["branches"], in_classes[1:], sub_roles.get("branches"))
+                 for b in node.subgraphs["branches"]]
     elif name in _compat.WHILE:
         nc = _compat.while_layout(node.params)[0]
-        pairs = [(node.subgraphs["body_jaxpr"], tin[nc:], in_classes[nc:])]
+        pairs = [(node.subgraphs["body_jaxpr"], tin[nc:], in_classes[nc:], None)]
     else:  # pragma: no cover - other higher-order primitives are refused by _control_flow_taint
         return [None] * len(node.outputs)
     found: list = [None] * len(node.outputs)
-    for graph, flags, given in pairs:
-        t = taint(graph, flags, in_class=given)
+    for graph, flags, given, roles in pairs:
+        t = taint(graph, flags, in_class=given, in_roles=roles)
         outs = graph.outputs[-len(node.outputs):] if name in _compat.WHILE else graph.outputs
         for k, o in enumerate(outs[:len(node.outputs)]):
             c = t.classes.get(o) if isinstance(o, int) else None
@@ -310,9 +362,9 @@ def _control_flow_classes(node: Node, sub_in: dict, tin: list[bool], in_classes:
     return found
 
 
-def _all_output_taint(graph: Graph, in_taint: list[bool]) -> list[bool]:
+def _all_output_taint(graph: Graph, in_taint: list[bool], in_roles: list | None = None) -> list[bool]:
     """Per output: input-dependent (integer and boolean values too: a loop counter may be one)."""
-    tainted = taint(graph, in_taint).tainted
+    tainted = taint(graph, in_taint, in_roles=in_roles).tainted
     return [isinstance(o, int) and o in tainted for o in graph.outputs]
 
 
@@ -327,8 +379,8 @@ def param_origins(graph: Graph, in_origin: list, tainted: set) -> dict:
     """
     origin = {v: o for v, o in zip(graph.inputs, in_origin) if o is not None}
     for node in graph.nodes:
-        if any(isinstance(a, int) and a in tainted for a in node.inputs):
-            continue
+        if any(isinstance(a, int) and a in tainted for a in node.inputs + node.outputs):
+            continue  # input-dependent (an embedding lookup's output depends on the ids)
         found = [origin[a] for a in node.inputs if isinstance(a, int) and a in origin]
         if not found:
             continue
@@ -347,9 +399,11 @@ class DataFlow:
     """Facts about one graph that the site finder needs."""
 
     def __init__(self, graph: Graph, in_taint: list[bool], out_relevant: list[bool],
-                 in_src: list[int] | None = None, in_class: list | None = None):
+                 in_src: list[int] | None = None, in_class: list | None = None,
+                 in_roles: list | None = None):
         self.g = graph
-        t = taint(graph, in_taint, in_src, in_class)
+        t = taint(graph, in_taint, in_src, in_class, in_roles)
+        self.roles, self.embeddings, self.sub_roles = t.roles, t.embeddings, t.sub_roles
         self.tainted, self.edges, self.selectors = t.tainted, t.edges, t.selectors
         self.sub_in, self.sources, self.classes = t.sub_in, t.sources, t.classes
         self.unclassified, self.compare_selects = t.unclassified, t.compare_selects

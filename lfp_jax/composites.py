@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lfp_jax import rules as R
+from lfp_jax._report import rule_name
 from lfp_jax.errors import NoRuleError
 
 
@@ -30,7 +31,7 @@ class Match:
     Args:
       kind: site kind (``"linear"``, ``"activation"``, ``"normalization"``, ``"sum"``, ``"pool"``,
         ``"max_pool"``, ``"max"``, ``"dropout"``, ``"spiking"``, ``"softmax"``, ``"bilinear"``,
-        ``"nonlinear"``).
+        ``"embedding"``, ``"nonlinear"``).
       label: what the site computes (``"dense"``, ``"conv"``, ``"relu"``, ``"tanh"``, ``"silu"``,
         ``"gelu"``, ``"step"``, ``"batch_norm"``, ...); glob patterns allowed.
       path: glob over the site's module path (:attr:`lfp_jax.sites.Site.path`): a linen module
@@ -186,9 +187,7 @@ def _show(obj: Any) -> str:
         if obj.where is not None:
             fields.append(f"where={getattr(obj.where, '__name__', 'fn')}")
         return f"Match({', '.join(fields)})"
-    from lfp_jax.api import _rule_name
-
-    return _rule_name(obj) if isinstance(obj, R.Rule) else repr(obj)
+    return rule_name(obj) if isinstance(obj, R.Rule) else repr(obj)
 
 
 @_preset
@@ -224,6 +223,7 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
             (Match(kind="spiking"), R.SpikingEpsilon(epsilon)),
             (Match(kind="softmax", label="softmax"), R.SoftmaxTaylor()),
             (Match(kind="bilinear"), R.UniformProduct(epsilon)),
+            (Match(kind="embedding"), R.Embedding()),
         ),
         name=f"lfp_epsilon(epsilon={epsilon:g})",
     )

@@ -26,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lfp_jax import _arguments
 from lfp_jax import sites as _sites
+from lfp_jax._report import rule_name, short_source, table
+from lfp_jax._trace import Traced
+from lfp_jax.composites import attn_lrp, check_composite
 from lfp_jax._primitives import MOVES as _MOVES
 from lfp_jax.errors import ConservationError
 from lfp_jax.interpreter import evaluate
@@ -99,15 +103,13 @@ class ConservationReport:
                 "(zero_bias=True in the presets and classic rules), lower ε, or raise the tolerance.")
 
     def __str__(self) -> str:
-        from lfp_jax.api import _table
-
         rows = [("", "kind", "label", "rule", "module", "R in", "R out", "gap", "gap %", "absorbed")]
         for s in self.sites:
             rows.append((str(s.index), s.kind, s.label, s.rule, s.module or "-", f"{s.relevance_in:.6g}",
                          f"{s.relevance_out:.6g}", f"{s.gap:.3g}", f"{100 * s.relative_gap:.3g}",
                          s.absorbed))
         lines = [f"composite: {self.composite}"]
-        lines += _table(rows, (4, 12, 10, 26, 18, None, None, None, None, 24))   # numbers never wrap
+        lines += table(rows, (4, 12, 10, 26, 18, None, None, None, None, 24))   # numbers never wrap
         lines.append(f"output relevance {self.output_relevance:.6g}, input relevance "
                      f"{self.input_relevance:.6g} ({_percent(self.input_relevance, self.output_relevance)} "
                      f"of it)")
@@ -135,22 +137,10 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
     Returns:
       A :class:`ConservationReport`. Runs eagerly (a diagnostic, not for a training loop).
     """
-    from lfp_jax.api import (
-        _as_argnums,
-        _check_reward,
-        _input_argnums,
-        _output_relevance,
-        _rule_name,
-        _seeds,
-        _short_source,
-        _Traced,
-    )
-    from lfp_jax.composites import attn_lrp, check_composite
-
     composite = attn_lrp() if composite is None else check_composite(composite)
-    nums = _as_argnums(argnums, "argnums")
-    inputs = _input_argnums(nums, len(args), ())
-    t = _Traced(fun, args, composite, (), False, inputs, None)
+    nums = _arguments.as_argnums(argnums, "argnums")
+    inputs = _arguments.input_argnums(nums, len(args), ())
+    t = Traced(fun, args, composite, (), False, inputs, None)
     plan = t.plan
     sites = [s for s in plan.schedule if isinstance(s, _sites.Site)]
     g = plan.graph
@@ -188,23 +178,13 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
                    for j, (a, c) in enumerate(zip(s.operands, s.carries_reward)) if c},
             "skip": frozenset(skip)}
 
-    def f(diff, tp):
-        full = list(t.leaves)
-        for k, v in zip(t.diff, diff):
-            full[k] = v
-        tp = dict(tp, values={}, skip=taps["skip"])
-        outs = evaluate(plan, full, tp)
-        return [o for o, fl in zip(outs, t.float_out) if fl], (outs, tp["values"], tp["moved"])
-
-    differentiable = {"out": taps["out"], "in": taps["in"]}
-    if not any(isinstance(leaf, jax.core.Tracer) for leaf in t.leaves):
-        f = jax.jit(f)  # as in lfp_vjp: one compiled program instead of operation-by-operation dispatch
-    _, vjp, (outs, values, moved) = jax.vjp(f, [t.leaves[k] for k in t.diff], differentiable, has_aux=True)
+    outs, vjp, extra = t.vjp(taps)
+    values, moved = extra["values"], extra["moved"]
     outputs = jax.tree_util.tree_unflatten(t.full_out_tree, outs)
-    reward = _check_reward(_output_relevance(outputs, target), outputs, t.out_tree)
-    seeds, given = _seeds(t, outs, reward)
-    ct_leaves, ct_taps = vjp(seeds)
-    input_total = 0.0
+    reward = _arguments.check_reward(_arguments.output_relevance(outputs, target), outputs, t.out_tree)
+    seeds, given = t.seeds(outs, reward)
+    ct_leaves, ct_carriers, ct_taps = vjp(seeds)
+    input_total = sum(float(jnp.sum(ct)) for ct in ct_carriers)  # token ids: their relevance
     for k, ct in zip(t.diff, ct_leaves):
         if not t.is_param[k]:
             input_total += float(jnp.sum(ct if k in plan.relevance_inputs else t.leaves[k] * ct))
@@ -229,8 +209,8 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
                 r_out += float(jnp.sum(ct if handed_r else op * ct))
         gap = r_in - r_out
         rows.append(SiteBalance(
-            index=k, kind=site.kind, label=site.label, rule=_rule_name(site.rule), module=site.path,
-            source=_short_source(site.source_line), relevance_in=r_in, relevance_out=r_out, gap=gap,
+            index=k, kind=site.kind, label=site.label, rule=rule_name(site.rule), module=site.path,
+            source=short_source(site.source_line), relevance_in=r_in, relevance_out=r_out, gap=gap,
             relative_gap=gap / abs(r_in) if r_in else (0.0 if gap == 0 else float(np.sign(gap))),
             absorbed=_absorbers(site, plan), conservative=bool(getattr(site.rule, "conservative", False))))
     untapped = sum(1 for depth, _ in _sites.iter_sites(plan) if depth > 0)

@@ -18,15 +18,20 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
-from lfp_jax import _compat
+from lfp_jax import _compat, _embedding
 from lfp_jax._graph import Lit, Node
 from lfp_jax.rules import ABSOLUTE, SiteCall
 from lfp_jax.rules._base import output_share, stable_divide
 from lfp_jax.sites import Plan, Site
 
 
-def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None) -> list[Any]:
+def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
+             carriers: dict | None = None) -> list[Any]:
     """Evaluate ``plan.graph`` on ``args`` with the plan's rules; returns the graph outputs.
+
+    ``carriers`` maps the position of a token-id input to its carrier, a float array of the ids'
+    shape whose cotangent becomes the tokens' relevance (:mod:`lfp_jax._embedding`): it follows the ids
+    through ``plan.id_nodes`` into the embedding sites.
 
     ``taps`` (for :func:`lfp_jax.conservation`) adds zeros whose cotangents are the reward crossing
     each top-level site: ``taps["out"][v] = (plain, wrapped, relevance)`` are added to the reads of
@@ -36,6 +41,7 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None) -> list[
     """
     g = plan.graph
     env: dict[int, Any] = dict(zip(g.inputs, args))
+    carried: dict[int, Any] = {g.inputs[k]: c for k, c in (carriers or {}).items()}
     stabilized: dict[Any, Any] = {}
     out_taps = taps["out"] if taps else {}
     in_taps = taps["in"] if taps else {}
@@ -70,7 +76,12 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None) -> list[
             wrapped = _wrapped_operands(plan, site)
             ops = [read(a, w) for a, w in zip(site.operands, wrapped)]
             ops = [op + in_taps[(k, j)] if (k, j) in in_taps else op for j, op in enumerate(ops)]
-            outs = site.rule(_site_call(plan, site), *ops)
+            call = _site_call(plan, site)
+            if site.ids_operands and carried:
+                call = call._replace(carriers=tuple(
+                    carried.get(a) if isinstance(a, int) and k in site.ids_operands else None
+                    for k, a in enumerate(site.operands)))
+            outs = site.rule(call, *ops)
             for var, val in zip((site.output,) + site.extras, outs):
                 env[var] = val
             if taps is not None:
@@ -87,9 +98,27 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None) -> list[
         for var, val in zip(node.outputs, outs):
             if var is not None:
                 env[var] = val
+        if i in plan.id_nodes and carried:
+            _carry(plan, node, ins, carried)
     if taps is not None:
         taps["moved"] = {v: env[v] for v in out_taps if v in env}
     return [read(o, p in plan.wrapped_outputs, tap=False) for p, o in enumerate(g.outputs)]
+
+
+def _carry(plan: Plan, node: Node, ins: list[Any], carried: dict) -> None:
+    """The token-id carriers of ``node``'s outputs (an id-valued move or elementwise operation)."""
+    cs = [carried.get(a) if isinstance(a, int) else None for a in node.inputs]
+    if all(c is None for c in cs):
+        return
+    dtype = next(c for c in cs if c is not None).dtype
+    weights = None
+    if node.name == "gather":
+        producer = {o: j for j, n in enumerate(plan.graph.nodes) for o in n.outputs if o is not None}
+        weights = _embedding.index_weights(plan.graph, producer, node)
+    outs = _embedding.carry(node, ins, cs, [plan.graph.avals[o] for o in node.outputs if o is not None],
+                            dtype, weights)
+    for var, c in zip([o for o in node.outputs if o is not None], outs):
+        carried[var] = c
 
 
 def _wrapped_operands(plan: Plan, site: Site) -> list[Any]:

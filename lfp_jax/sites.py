@@ -41,7 +41,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lfp_jax import _compat
+from lfp_jax import _compat, _embedding
 from lfp_jax._blocks import normalize_spikes_in_rules, place_stabilizers
 from lfp_jax._dataflow import DataFlow, output_taint, param_origins
 from lfp_jax._graph import Graph, Lit, is_float
@@ -66,7 +66,8 @@ class Site:
     Attributes:
       kind: ``linear``, ``sum``, ``pool``, ``max_pool``, ``max`` (elementwise max/min of two
         input-dependent values), ``activation``, ``normalization``, ``softmax``, ``dropout``,
-        ``spiking``, ``bilinear`` (a product of input-dependent values), ``quotient``,
+        ``spiking``, ``embedding`` (a lookup of a parameter table by token ids, where reward enters),
+        ``bilinear`` (a product of input-dependent values), ``quotient``,
         ``nonlinear`` or ``unknown`` (the last three have no rule in the presets).
       label: what it computes (``dense``, ``conv``, ``relu``, ``silu``, ``batch_norm``, ...).
       nodes: indices of its primitives in the graph, in order.
@@ -122,6 +123,8 @@ class Site:
     first: bool = False  # a linear site reading a model input (through moves and affine ops only)
     head: int = 1  # a merged linear site: its linear part is nodes[:head] (the primitive and moves)
     relevance_output: bool = False  # an activation whose output receives R itself (rules that hand R)
+    ids_operands: tuple[int, ...] = ()  # an embedding site: which operands are token ids
+    index_weights: tuple[float, ...] | None = None  # a gather's share per index-vector component
 
 
 @dataclasses.dataclass(eq=False)
@@ -141,6 +144,9 @@ class Plan:
     relevance_inputs: set = dataclasses.field(default_factory=set)  # input positions receiving R as is
     relevance_edges: dict = dataclasses.field(default_factory=dict)  # (node, pos) -> ε | None: R -> c
     relevance_pass: set = dataclasses.field(default_factory=set)  # affine nodes passing R unchanged
+    id_nodes: set = dataclasses.field(default_factory=set)  # nodes the token ids' carriers follow
+    id_inputs: set = dataclasses.field(default_factory=set)  # input positions of ids with a carrier
+    body_ids: set = dataclasses.field(default_factory=set)  # ids looked up inside control flow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +161,7 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
             in_eps: list | None = None, wrap_out: list | None = None, in_src: list | None = None,
             in_origin: list | None = None, in_class: list | None = None,
             leaf_paths: Sequence[str] = (), nested: bool = False, in_first: list | None = None,
-            in_relevance: list | None = None) -> Plan:
+            in_relevance: list | None = None, in_roles: list | None = None) -> Plan:
     """Find the sites of ``graph`` and resolve their rules.
 
     A site the composite has no rule for keeps ``rule=None`` and says why in ``Site.problem``; the
@@ -179,6 +185,8 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
         operations only (for ``Match(first=True)``).
       in_relevance: per input of a body, whether a rule inside may hand ``R`` itself to it (the
         enclosing graph then carries it on: ``Plan.relevance_inputs``).
+      in_roles: per input, ``"ids"`` (token ids), ``"param"`` (a parameter) or ``None``: where
+        embedding lookups are (see :mod:`lfp_jax._embedding`).
     """
     context = composite if isinstance(composite, Context) else Context(composite, tuple(leaf_paths))
     n_in, n_out = len(graph.inputs), len(graph.outputs)
@@ -186,7 +194,7 @@ def analyse(graph: Graph, in_taint: list[bool], out_relevant: list[bool], compos
                      list(in_eps) if in_eps is not None else [None] * n_in,
                      list(wrap_out) if wrap_out is not None else [False] * n_out,
                      in_src, in_origin if in_origin is not None else [None] * n_in, in_class,
-                     nested, in_first, in_relevance).run()
+                     nested, in_first, in_relevance, in_roles).run()
 
 
 def problems(plan: Plan) -> list[Site]:
@@ -202,8 +210,8 @@ def _position(atoms: tuple, atom: Any) -> int:
 
 class _Analysis(DataFlow):
     def __init__(self, graph: Graph, in_taint, out_relevant, context, in_eps, wrap_out, in_src,
-                 in_origin, in_class, nested=False, in_first=None, in_relevance=None):
-        super().__init__(graph, in_taint, out_relevant, in_src, in_class)
+                 in_origin, in_class, nested=False, in_first=None, in_relevance=None, in_roles=None):
+        super().__init__(graph, in_taint, out_relevant, in_src, in_class, in_roles)
         self.nested = nested
         self.in_first, self.in_relevance = in_first, in_relevance
         self.rewarded_outputs = {o for o, r in zip(graph.outputs, out_relevant) if r and isinstance(o, int)}
@@ -212,7 +220,8 @@ class _Analysis(DataFlow):
         self.origin = param_origins(graph, in_origin, self.tainted)
 
     def run(self) -> Plan:
-        cats = {i: category(self, i) for i in self.rel_nodes if self._tin(i)}
+        # control flow reading only token ids still holds sites when a lookup inside is an embedding
+        cats = {i: category(self, i) for i in self.rel_nodes if self._tin(i) or i in self.sub_in}
         region_of, singles = find_regions(self, cats)
         self._chains = product_chains(self, singles)
         for i in self.unclassified:
@@ -261,6 +270,11 @@ class _Analysis(DataFlow):
             sites.append(site)
             for r in site.nodes:
                 site_of_node[r] = site
+        for i in sorted(self.embeddings):
+            if i in self.rel_nodes:
+                site = self._embedding_site(i)
+                sites.append(site)
+                site_of_node[i] = site
         for site in sites:
             if site.kind == "bilinear":
                 site.factors = self._factors(site)
@@ -273,6 +287,7 @@ class _Analysis(DataFlow):
                              "jnp.where(mask, x, 0), a constant selector (or count with integers).")
         plan = Plan(g, self.tainted, sites, site_of_node, {}, set(), set(), {}, {})
         plan.schedule = self._schedule(site_of_node)
+        self._trace_ids(plan)
         self._site_of_node = site_of_node
         self._attach_parameters(plan, cats)
         if not self.nested or self.in_first is not None:
@@ -285,6 +300,55 @@ class _Analysis(DataFlow):
         self._hand_relevance(plan, cats)
         normalize_spikes_in_rules(self, plan)
         return plan
+
+    # -- token ids --------------------------------------------------------------------------------
+
+    def _embedding_site(self, i: int) -> Site:
+        """An embedding lookup (see :mod:`lfp_jax._embedding`): its table and its id operands."""
+        node = self.g.nodes[i]
+        label, positions = self.embeddings[i]
+        site = self._make_site("embedding", label, [i], None, None)
+        ids = [node.inputs[p] for p in positions]
+        site.ids_operands = tuple(k for k, a in enumerate(site.operands)
+                                  if any(a is b or (isinstance(a, int) and a == b) for b in ids))
+        site.carries_reward = (False,) * len(site.operands)
+        if node.name == "gather":
+            site.index_weights = _embedding.index_weights(self.g, self.producer, node)
+        return site
+
+    def _trace_ids(self, plan: Plan) -> None:
+        """The way of the per-token relevance from every embedding site back to the id inputs: the
+        nodes that the ids' carriers follow (``Plan.id_nodes``) and the id inputs they start from
+        (``Plan.id_inputs``); ``Plan.body_ids``: id inputs looked up inside a ``scan``/``cond``/``remat``
+        body, which carriers do not reach."""
+        g = self.g
+        inputs = {v: k for k, v in enumerate(g.inputs)}
+        starts = [site.operands[k] for site in plan.sites if site.kind == "embedding"
+                  for k in site.ids_operands]
+        for i in self.sub_in:  # control flow whose body looks token ids up
+            subs = self.sub_roles.get(i, {})
+            if any(r == _embedding.IDS for rs in subs.values() for r in (rs or ())):
+                body_ids = [a for a in g.nodes[i].inputs if isinstance(a, int)
+                            and self.roles.get(a) == _embedding.IDS]
+                plan.body_ids |= {inputs[v] for v in self._id_sources(body_ids, set()) if v in inputs}
+        plan.id_inputs = {inputs[v] for v in self._id_sources(starts, plan.id_nodes) if v in inputs}
+
+    def _id_sources(self, values: list, nodes: set) -> set:
+        """The graph inputs that ``values`` (id values) are computed from; ``nodes`` gathers the id
+        nodes on the way."""
+        found, stack, seen = set(), [a for a in values if isinstance(a, int)], set()
+        while stack:
+            v = stack.pop()
+            if v in seen or self.roles.get(v) != _embedding.IDS:
+                continue
+            seen.add(v)
+            p = self.producer.get(v)
+            if p is None:
+                found.add(v)
+                continue
+            nodes.add(p)
+            stack.extend(a for a in self.g.nodes[p].inputs if isinstance(a, int))
+        return found
 
     # -- classic LRP layers -----------------------------------------------------------------------
 

@@ -62,14 +62,24 @@ def test_data_dependent_while_loop_is_refused():
         _feedback(fun)
 
 
-def test_integer_inputs_get_a_clear_message():
-    emb = {"e": jnp.ones((10, 3)) * 0.3, "w": jnp.ones((3, 2))}
+def test_token_ids_that_index_no_parameter_table_get_a_clear_message():
+    """Ids looking up a table that fun closes over (a constant, not a parameter): nothing is trained
+    through the lookup, and the error says where reward enters and how to pass the table."""
+    table = jnp.ones((10, 3)) * 0.3
+    p = {"w": jnp.ones((3, 2))}
 
     def fun(p, tokens):
-        return p["e"][tokens].sum(1) @ p["w"]
+        return table[tokens].sum(1) @ p["w"]
 
-    with pytest.raises(errors.LFPError, match="no floating-point input"):
-        _feedback(fun, emb, jnp.array([[1, 2], [3, 4], [5, 6], [7, 8]]))
+    with pytest.raises(errors.LFPError, match=r"the inputs of fun are integers .* no lookup of a "
+                                              r"parameter table by them .* pass it in an argument in argnums"):
+        _feedback(fun, p, jnp.array([[1, 2], [3, 4], [5, 6], [7, 8]]))
+
+
+def test_argnums_naming_every_float_argument_says_so():
+    with pytest.raises(errors.LFPError, match=r"every argument of fun holding arrays is a parameter or a "
+                                              r"constant \(argnums=\(0, 1\)\), so no input is left"):
+        lfp_jax.lfp_vjp(lambda p, x: x @ p["w"], P, X, argnums=(0, 1))
 
 
 def test_reward_of_the_wrong_shape_is_refused():

@@ -18,7 +18,7 @@ from jax import lax
 
 import lfp_jax
 from lfp_jax import Match, composites, rules
-from lfp_jax.api import _rule_name
+from lfp_jax._report import rule_name as _rule_name
 
 DATA = pathlib.Path(__file__).parent / "data" / "zennit"
 NCHW = ("NCHW", "OIHW", "NCHW")

@@ -51,6 +51,10 @@ Rules and where they apply (site kinds are listed in :mod:`lfp_jax.sites`):
    * - :class:`ConstantStd`
      - normalization
      - LayerNorm / RMSNorm with ``1/σ`` held constant (AttnLRP)
+   * - :class:`Embedding`
+     - embedding
+     - where reward enters a model of token ids: ``F_E = |E| ⊙`` the rows' summed ``c``; the
+       relevance of a token is ``Σ_d e ⊙ c`` at its lookup
    * - :class:`LinearRule`, :class:`ZPlus`, :class:`Gamma`, :class:`AlphaBeta`, :class:`Flat`,
        :class:`WSquare`, :class:`ZBox`
      - linear
@@ -62,11 +66,12 @@ Rules and where they apply (site kinds are listed in :mod:`lfp_jax.sites`):
 from lfp_jax.rules._base import ABSOLUTE, Rule, SiteCall, safe_divide, stabilize, with_backward
 from lfp_jax.rules.attention import ConstantStd, SoftmaxTaylor, UniformProduct
 from lfp_jax.rules.core import Dropout, Epsilon, Gradient, Identity, WinnerTakeAll
+from lfp_jax.rules.embedding import Embedding
 from lfp_jax.rules.lrp import AlphaBeta, Flat, Gamma, LinearRule, WSquare, ZBox, ZPlus
 from lfp_jax.rules.spiking import SpikingEpsilon
 
 __all__ = [
-    "ABSOLUTE", "AlphaBeta", "ConstantStd", "Dropout", "Epsilon", "Flat", "Gamma", "Gradient",
+    "ABSOLUTE", "AlphaBeta", "ConstantStd", "Dropout", "Embedding", "Epsilon", "Flat", "Gamma", "Gradient",
     "Identity", "LinearRule", "Rule", "SiteCall", "SoftmaxTaylor", "SpikingEpsilon", "UniformProduct",
     "WSquare", "WinnerTakeAll", "ZBox", "ZPlus",
     "safe_divide", "stabilize", "with_backward",

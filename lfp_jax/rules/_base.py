@@ -107,6 +107,9 @@ class SiteCall(NamedTuple):
         output with that value in its place (a linear layer and the affine operations after it).
       relevance_output: the cotangent at the site's output is the relevance ``R`` itself, not ``c``
         (the site feeds a rule that hands ``R``; only for rules with :attr:`Rule.accepts_relevance`).
+      carriers: an embedding site's token-id carriers, one per operand (``None`` for operands that
+        are no token ids): float arrays whose cotangents are the tokens' relevance (see
+        :mod:`lfp_jax._embedding`); ``None`` when no id input's relevance is asked for.
     """
 
     site: Any
@@ -116,6 +119,7 @@ class SiteCall(NamedTuple):
     detached: Callable[[frozenset[str]], Callable[..., tuple]] | None = None
     stages: Callable[[int], tuple[Callable, Callable]] | None = None
     relevance_output: bool = False
+    carriers: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
