@@ -368,10 +368,11 @@ def _all_output_taint(graph: Graph, in_taint: list[bool], in_roles: list | None 
     return [isinstance(o, int) and o in tainted for o in graph.outputs]
 
 
-def param_origins(graph: Graph, in_origin: list, tainted: set) -> dict:
+def param_origins(graph: Graph, in_origin: list, tainted: set, roles: dict | None = None) -> dict:
     """For values computed from parameters only: ``(leaves, primitives)``, the parameter leaves they
-    come from and the primitives applied on the way, other than moves (reshape, slice, casts, ...) and
-    scalings or shifts by a constant (the ``scale · rsqrt(var)`` of a BatchNorm in eval mode).
+    come from and the primitives applied on the way to the effective weight (see
+    :mod:`lfp_jax._params`), other than moves (reshape, slice, casts, ...); scalings by values that are
+    not parameters (the ``scale · rsqrt(var)`` of a BatchNorm in eval mode) are part of the layer.
 
     ``in_origin`` holds, per graph input, ``(leaves, primitives)`` or ``None`` (not a parameter).
     Control-flow outputs are attributed to all of the node's parameter inputs. Values that depend on
@@ -386,9 +387,10 @@ def param_origins(graph: Graph, in_origin: list, tainted: set) -> dict:
             continue
         leaves = frozenset().union(*(f[0] for f in found))
         prims = frozenset().union(*(f[1] for f in found))
-        scaling = node.name in ("mul", "div", "add", "sub", "neg") and len(found) == 1
-        if node.name not in MOVES and not node.subgraphs and not scaling:
-            prims = prims | {node.name}  # not a move, nor a scaling or shift by a constant
+        weight = any(roles.get(o) == _embedding.PARAM for o in node.outputs if o is not None) \
+            if roles is not None else len(found) > 1
+        if node.name not in MOVES and not node.subgraphs and weight:
+            prims = prims | {node.name}  # a computation of the effective weight
         for o in node.outputs:
             if o is not None:
                 origin[o] = (leaves, prims)

@@ -51,8 +51,9 @@ def find_regions(flow, cats: dict[int, str]) -> tuple[dict, dict]:
                 if r in region_of:
                     region |= region_of[r][1]
             kind, label = classify_region(flow, x, region, y)
-            if x not in flow.producer or not (kind == "nonlinear" or _log_of_sum(flow, region, x)):
-                break
+            if (x not in flow.producer or flow.producer[x] in flow.embeddings
+                    or not (kind == "nonlinear" or _log_of_sum(flow, region, x))):
+                break  # a model input or an embedding lookup's output: nothing to widen into
             wider = grow(flow, region | {flow.producer[x]})
             if wider is None:
                 break
@@ -194,6 +195,8 @@ def grow(flow, region: set[int]) -> tuple[int, set[int], int] | None:
     region = set(region)
     while True:
         ext = [u for r in region for u in flow._tin(r) if flow.producer.get(u) not in region]
+        if not ext:
+            return None
         x = flow._float_dominator(functools.reduce(flow._lca_dom, ext))
         if x == VROOT:
             return None

@@ -107,8 +107,8 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
         result_leaves: list[Any] = [None] * len(t.leaves)
         for k, ct in zip(t.diff, cts):
             x = t.leaves[k]
-            if t.is_param[k]:
-                result_leaves[k] = jnp.abs(x) * ct
+            if t.is_param[k]:  # the |W| of every effective weight is applied at its use
+                result_leaves[k] = ct
             else:  # an input: R = x ⊙ c, or R itself where the rules handed it (rules.LinearRule)
                 result_leaves[k] = ct if k in t.plan.relevance_inputs else x * ct
         for k, ct in zip(t.id_leaves, carrier_cts):  # token ids: the relevance of each token

@@ -47,9 +47,15 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
     in_taps = taps["in"] if taps else {}
     skip = taps["skip"] if taps else ()
 
-    def read(atom, wrapped: Any = False, tap: bool = True):
+    weights: dict[int, Any] = {}
+
+    def read(atom, wrapped: Any = False, tap: bool = True, use: bool = True):
         if isinstance(atom, Lit):
             return atom.value
+        if use and atom in plan.param_uses:  # an effective weight: F_W = |W| ⊙ c_W (lfp_jax._params)
+            if atom not in weights:
+                weights[atom] = _weight(env[atom])
+            return weights[atom]
         t = out_taps.get(atom) if tap else None
         if wrapped is False:
             return env[atom] if t is None else env[atom] + t[0]
@@ -89,7 +95,8 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
             continue
         i, node = step, g.nodes[step]
         tapped = i not in skip
-        ins = [read(a, mode(i, p), tapped) for p, a in enumerate(node.inputs)]
+        weight_use = i not in plan.param_nodes and i not in plan.subplans
+        ins = [read(a, mode(i, p), tapped, weight_use) for p, a in enumerate(node.inputs)]
         if i in plan.relevance_pass:
             outs = _pass_relevance(node, ins, [p for p, a in enumerate(node.inputs)
                                                if isinstance(a, int) and a in plan.tainted])
@@ -175,6 +182,16 @@ def _site_call(plan: Plan, site: Site) -> SiteCall:
 
     return SiteCall(site, detached(), site.carries_reward, site.input_epsilon, detached, stages,
                     site.relevance_output)
+
+
+@jax.custom_vjp
+def _weight(value: Any) -> Any:
+    """Identity; its backward multiplies the cotangent by ``|value|``: an effective weight's feedback
+    ``|W| ⊙ c_W``, which JAX's reverse pass carries back to the parameters (see :mod:`lfp_jax._params`)."""
+    return value
+
+
+_weight.defvjp(lambda value: (value, value), lambda value, ct: (jnp.abs(value) * ct,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

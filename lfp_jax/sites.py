@@ -41,7 +41,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lfp_jax import _compat, _embedding
+from lfp_jax import _compat, _embedding, _params
 from lfp_jax._blocks import normalize_spikes_in_rules, place_stabilizers
 from lfp_jax._dataflow import DataFlow, output_taint, param_origins
 from lfp_jax._graph import Graph, Lit, is_float
@@ -147,6 +147,9 @@ class Plan:
     id_nodes: set = dataclasses.field(default_factory=set)  # nodes the token ids' carriers follow
     id_inputs: set = dataclasses.field(default_factory=set)  # input positions of ids with a carrier
     body_ids: set = dataclasses.field(default_factory=set)  # ids looked up inside control flow
+    param_nodes: set = dataclasses.field(default_factory=set)  # nodes computing parameter values
+    param_uses: set = dataclasses.field(default_factory=set)  # effective weights (see lfp_jax._params)
+    zero_keeping: list = dataclasses.field(default_factory=list)  # per input: zero parameter stays 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +220,7 @@ class _Analysis(DataFlow):
         self.rewarded_outputs = {o for o, r in zip(graph.outputs, out_relevant) if r and isinstance(o, int)}
         self.context, self.composite = context, context.composite
         self.in_eps, self.wrap_out = in_eps, wrap_out
-        self.origin = param_origins(graph, in_origin, self.tainted)
+        self.origin = param_origins(graph, in_origin, self.tainted, self.roles)
 
     def run(self) -> Plan:
         # control flow reading only token ids still holds sites when a lookup inside is an embedding
@@ -297,6 +300,9 @@ class _Analysis(DataFlow):
         if self._merge_affine_tails(plan, cats):
             plan.schedule = self._schedule(site_of_node)
         place_stabilizers(self, plan, cats, self.context, self.in_eps, self.wrap_out)
+        plan.param_nodes = _params.param_nodes(self)
+        plan.param_uses = _params.uses(self, plan)
+        plan.zero_keeping = _params.zero_keeping(self, plan)
         self._hand_relevance(plan, cats)
         normalize_spikes_in_rules(self, plan)
         return plan

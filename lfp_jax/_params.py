@@ -1,0 +1,108 @@
+r"""Where parameters are used: the effective weights whose ``|W|`` scales the feedback, and which
+parameters cannot move when they are zero.
+
+A parameter ``θ`` may reach the computation on the inputs through a computation of parameters only,
+``W = h(θ)``: a transpose (a tied head ``h @ Eᵀ``), an offset ``1 + scale`` (Gemma's RMSNorm), ``exp`` or
+``softplus``, weight normalisation ``g · v/‖v‖``. ``W`` is the *effective weight*: the value that meets
+the input-dependent computation, where the LFP rule applies. Its feedback is that of any weight,
+``F_W = |W| ⊙ c_W`` (``c_W`` the normalised reward reaching it, ``J_Wᵀ s`` of its layer), and the
+parameter receives it by the chain rule,
+
+.. math::  F_\theta = \sum_{\text{uses } W} \Big(\frac{\partial W}{\partial \theta}\Big)^{\!\top}
+           \big(|W| \odot c_W\big).
+
+For a parameter used as it is, or moved (reshaped, transposed, sliced, cast), this is the paper's
+``|θ| ⊙ J_θᵀ s``. A zero ``scale`` used as ``1 + scale`` is therefore not frozen (``|W| = 1``), while a
+zero bias or a zero normalisation scale used directly is. Computations with values that are not
+parameters (running statistics passed in: ``γ · rsqrt(var)``) are part of the layer, not of the
+weight: there ``W = γ``, as in the reference.
+
+The engine realises this by a *use boundary* at every effective weight (:func:`uses`): an identity
+whose backward multiplies the cotangent by ``|W|``; JAX's reverse pass then carries ``|W| ⊙ c_W``
+back to ``θ`` through ``h``. In Theorem 1's terms, LFP on a ReLU network is gradient descent with the
+gradient of every effective weight scaled by ``|W|``: ``F_θ = −J_hᵀ (|W| ⊙ ∇_W Σ CE)``.
+"""
+
+from __future__ import annotations
+
+from lfp_jax import _compat
+from lfp_jax._embedding import PARAM
+from lfp_jax._primitives import MOVES
+
+# elementwise f with f(0) = 0 at every position: a zero parameter stays a zero weight through them
+_ZERO_KEEPING = MOVES | {
+    "neg", "mul", "dot_general", "conv_general_dilated", "reduce_sum", "cumsum", "sin", "tan", "tanh",
+    "sinh", "asin", "asinh", "atan", "atanh", "erf", "expm1", "log1p", "abs", "sign", "square",
+    "sqrt", "cbrt", "integer_pow", "reduce_window_sum", "copy", "copy_p",
+}
+
+
+def param_nodes(flow) -> set[int]:
+    """Nodes that compute parameter values (see :mod:`lfp_jax._embedding`)."""
+    return {i for i, n in enumerate(flow.g.nodes)
+            if any(o is not None and flow.roles.get(o) == PARAM for o in n.outputs)}
+
+
+def uses(flow, plan) -> set[int]:
+    """The parameter values that are effective weights: read by a node that is not itself a parameter
+    computation (a layer, a site, an embedding lookup, running statistics), or returned by the graph.
+    A control-flow node with a sub-plan places its uses inside its bodies."""
+    g, inside = flow.g, plan.param_nodes
+    found = set()
+    for i, node in enumerate(g.nodes):
+        if i in inside or i in plan.subplans:
+            continue
+        found.update(a for a in node.inputs if isinstance(a, int) and flow.roles.get(a) == PARAM)
+    found.update(o for o in g.outputs if isinstance(o, int) and flow.roles.get(o) == PARAM)
+    return found
+
+
+def zero_keeping(flow, plan) -> list[bool]:
+    """Per graph input that is a parameter: whether every way it takes to an effective weight keeps
+    zero a zero (``W = 0`` when ``θ = 0``: moves, scalings, products; not ``1 + θ``, ``exp θ``), so that
+    a parameter that is entirely zero never moves. Inputs that are no parameter: ``False``."""
+    g = flow.g
+    result = []
+    for v in g.inputs:
+        if flow.roles.get(v) != PARAM:
+            result.append(False)
+            continue
+        result.append(_keeps_zero(flow, plan, v))
+    return result
+
+
+def _keeps_zero(flow, plan, start: int) -> bool:
+    g = flow.g
+    stack, seen = [start], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for i in flow.uses.get(v, ()):
+            node = g.nodes[i]
+            positions = [p for p, a in enumerate(node.inputs) if isinstance(a, int) and a == v]
+            if i in plan.subplans:
+                if not all(_body_keeps_zero(node, plan.subplans[i], p) for p in positions):
+                    return False
+                continue
+            if i not in plan.param_nodes:
+                continue  # an effective weight: the way ends here
+            if node.name not in _ZERO_KEEPING or (node.name == "div" and 0 not in positions) \
+                    or (node.name == "integer_pow" and node.params.get("y", 1) <= 0):
+                return False
+            stack.extend(o for o in node.outputs if o is not None)
+    return True
+
+
+def _body_keeps_zero(node, subs: dict, position: int) -> bool:
+    """Whether the body input fed by operand ``position`` of a control-flow node keeps zero."""
+    if node.name in _compat.COND:
+        if position == 0:
+            return True
+        return all(b.zero_keeping[position - 1] for b in subs["branches"])
+    body = subs["jaxpr"]
+    return body.zero_keeping[position] if position < len(body.zero_keeping) else True
+
+
+__all__ = ["param_nodes", "uses", "zero_keeping"]
