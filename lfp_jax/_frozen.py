@@ -1,7 +1,21 @@
-"""Parameters that are entirely zero: LFP feedback is ``|θ| ⊙ (...)``, so such arrays never move."""
+r"""Parameters that are entirely zero and can therefore never move under LFP.
+
+LFP feedback is ``(∂W/∂θ)ᵀ (|W| ⊙ c_W)`` at every effective weight ``W = h(θ)`` (see
+:mod:`lfp_jax._params`). A parameter used directly, moved or scaled has ``W = 0`` when ``θ = 0`` and
+then never moves: Flax's zero biases, the zero normalisation scale that Flax's ResNets put at the end
+of every residual block. A zero parameter used through a shift (Gemma's RMSNorm computes
+``x · (1 + scale)`` with ``scale`` initialised to 0) has ``W ≠ 0`` and moves: it is not reported.
+
+The check runs where people train. With concrete parameters it runs on the host when the model is
+traced; under ``jax.jit``, ``pmap`` and ``vmap`` the parameters are tracers, and the compiled step
+tests each candidate leaf (``all(θ == 0)``, a reduction fused into the step) and calls back to the host
+only when one is zero: the first such call warns, once per set of leaves.
+"""
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import jax
@@ -10,74 +24,158 @@ import numpy as np
 from jax import tree_util as jtu
 
 from lfp_jax import _graph
-from lfp_jax.errors import FrozenParameterError
+from lfp_jax._arguments import user_stacklevel
+from lfp_jax._trace import Traced
+from lfp_jax.composites import lfp_epsilon
+from lfp_jax.errors import FrozenParameterError, FrozenParameterWarning
 
-def frozen_parameters(params: Any) -> list[str]:
-    """Paths of the floating-point arrays in ``params`` that are entirely zero (traced ones skipped)."""
-    return [path for path, _ in find_frozen(params)]
-
-
-def find_frozen(params: Any) -> list[tuple[str, str]]:
-    """``(path, what)`` of every all-zero floating-point array; ``what`` says what it is (see
-    :func:`frozen_message`)."""
-    from lfp_jax.nn.initializers import _leaf_name, is_norm_scale
-
-    flat = jtu.tree_flatten_with_path(params)[0]
-    names = [_leaf_name(path) for path, _ in flat]
-    kernels = {n[:-1] for n, (_, leaf) in zip(names, flat) if n and n[-1] == "kernel" and jnp.ndim(leaf) >= 2}
-    scales = {n[:-1] for n, (_, leaf) in zip(names, flat) if is_norm_scale(n, leaf)}
-    frozen = []
-    for name, (path, leaf) in zip(names, flat):
-        if isinstance(leaf, jax.core.Tracer) or not _graph.is_float(getattr(leaf, "aval", leaf)):
-            continue
-        # numpy, not jnp: under jit a jnp comparison of a captured constant would be traced
-        if not (leaf.size and not np.any(np.asarray(leaf) != 0)):
-            continue
-        last, owner = (name[-1] if name else ""), name[:-1]
-        if last in ("kernel", "bias") and owner in kernels:
-            what = "layer"
-        elif is_norm_scale(name, leaf):
-            what = "scale"
-        elif last in ("bias", "offset") and owner in scales:
-            what = "offset"
-        else:
-            what = "other"
-        frozen.append((jtu.keystr(path), what))
-    return frozen
-
-
-_FROZEN_ADVICE = {
-    "layer": "Flax initialises biases to zero: params = lfp_jax.nn.torch_init(key, params) gives "
-             "kernels and biases PyTorch's U(±1/√fan_in), as in the reference",
-    "scale": "a normalisation scale of zero silences its layer (Flax's ResNets start every residual "
-             "block's last scale at zero): lfp_jax.nn.torch_init sets all-zero normalisation scales "
-             "to 1, PyTorch's default",
+_ADVICE = {
+    "layer": "Flax and Hugging Face's Flax models initialise these biases to zero (GPT-2, BERT): "
+             "params = lfp_jax.nn.torch_init(key, params) draws kernels and biases from PyTorch's "
+             "U(±1/√fan_in), as in the reference (keep_kernels=True draws only the biases and keeps the "
+             "model's own kernels)",
+    "scale": "a normalisation scale of zero silences its layer and everything feeding it (Flax's "
+             "ResNets start the last scale of every residual block at zero): "
+             "lfp_jax.nn.torch_init(key, params, fun, *args) sets the zero scales that LFP cannot move "
+             "to 1, PyTorch's default (it leaves scales used as 1 + scale alone: those move)",
     "offset": "normalisation offsets start at 0 in PyTorch and Flax alike, so they stay frozen under "
               "LFP, as in the reference; lfp_jax.nn.torch_init keeps them",
-    "other": "give them non-zero initial values (lfp_jax.nn.torch_init covers only Flax kernels and "
-             "biases and normalisation scales)",
+    "other": "give them non-zero initial values (lfp_jax.nn.torch_init covers Flax's kernels and "
+             "biases and zero normalisation scales)",
 }
 
+_warned: set[str] = set()
 
-def frozen_message(frozen: list[tuple[str, str]]) -> str:
-    lines = ["parameters that are all exactly zero never change under LFP (feedback is proportional "
-             "to |θ|):"]
+
+def _kind(names: list[tuple[str, ...]], leaves: list[Any]) -> list[str]:
+    """What each leaf is, for the advice: a layer's kernel or bias, a normalisation scale or offset."""
+    kernels = {n[:-1] for n, leaf in zip(names, leaves) if n and n[-1] == "kernel" and np.ndim(leaf) >= 2}
+    scales = {n[:-1] for n, leaf in zip(names, leaves) if is_norm_scale(n, leaf)}
+    kinds = []
+    for name, leaf in zip(names, leaves):
+        last, owner = (name[-1] if name else ""), name[:-1]
+        if last in ("kernel", "bias") and owner in kernels:
+            kinds.append("layer")
+        elif is_norm_scale(name, leaf):
+            kinds.append("scale")
+        elif last in ("bias", "offset") and owner in scales:
+            kinds.append("offset")
+        else:
+            kinds.append("other")
+    return kinds
+
+
+def is_norm_scale(name: tuple[str, ...], leaf: Any) -> bool:
+    """Whether a leaf at key names ``name`` is a normalisation scale (a 1-D Flax ``scale`` or
+    equinox ``weight``)."""
+    if not name or not hasattr(leaf, "shape"):
+        return False
+    return name[-1] in ("scale", "weight") and np.ndim(leaf) == 1
+
+
+def leaf_names(path) -> tuple[str, ...]:
+    """The key names of a pytree path (nnx Variables add a trailing ``.value``, dropped here)."""
+    out = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                out.append(str(getattr(entry, attr)))
+                break
+        else:
+            out.append(str(entry))
+    return tuple(n for n in out if n not in ("value", "raw_value"))
+
+
+def message(frozen: list[tuple[str, str]]) -> str:
+    """The warning or error text for ``(path, kind)`` pairs."""
+    lines = ["parameters that are all exactly zero never change under LFP (the feedback of a weight is "
+             "|W| ⊙ c_W, and these are used as weights directly, moved or scaled):"]
     for what in ("layer", "scale", "offset", "other"):
         paths = [p for p, w in frozen if w == what]
         if paths:
-            lines.append(f"  {', '.join(paths)}: {_FROZEN_ADVICE[what]}.")
+            lines.append(f"  {', '.join(paths)}: {_ADVICE[what]}.")
     lines.append("Pass allow_frozen=True where freezing is intended.")
     return "\n".join(lines)
 
 
-def check_params(params: Any) -> None:
-    """Raise :class:`~lfp_jax.errors.FrozenParameterError` if a parameter array is entirely zero.
+def candidates(t: Any) -> list[int]:
+    """The traced leaves (of a :class:`~lfp_jax._trace.Traced`) that never move if they are zero: float
+    parameters every use of which keeps a zero a zero."""
+    keep = t.plan.zero_keeping
+    return [k for k in range(len(t.leaves)) if t.is_param[k] and k < len(keep) and keep[k]
+            and t.leaves[k].size]
 
-    LFP feedback is ``|θ| ⊙ (...)``, so such arrays never move (Flax initialises biases to zero; use
-    :func:`lfp_jax.nn.torch_init`). Traced values are skipped (call this once outside ``jit``).
-    """
-    frozen = find_frozen(params)
+
+def report(t: Any) -> None:
+    """Warn about candidate leaves that are entirely zero: now for concrete ones, from inside the
+    compiled program for traced ones (see the module docstring)."""
+    cands = candidates(t)
+    if not cands:
+        return
+    names = [tuple(t.names[k].split("/")) for k in range(len(t.leaves))]
+    kinds = dict(zip(range(len(t.leaves)), _kind(names, t.leaves)))
+    concrete = [k for k in cands if not isinstance(t.leaves[k], jax.core.Tracer)]
+    traced = [k for k in cands if isinstance(t.leaves[k], jax.core.Tracer)]
+    # numpy, not jnp: a jnp comparison of a concrete leaf captured under jit would be traced
+    frozen = [(t.paths[k], kinds[k]) for k in concrete if not np.any(np.asarray(t.leaves[k]) != 0)]
     if frozen:
-        raise FrozenParameterError(frozen_message(frozen))
+        warnings.warn(message(frozen), FrozenParameterWarning, stacklevel=user_stacklevel())
+    if traced:
+        flags = jnp.stack([jnp.all(t.leaves[k] == 0) for k in traced])
+        found = tuple((t.paths[k], kinds[k]) for k in traced)
+        jax.lax.cond(jnp.any(flags), lambda f: jax.debug.callback(functools.partial(_warn_once, found), f),
+                     lambda f: None, flags)
 
 
+def _warn_once(found: tuple, flags: Any) -> None:
+    """Host side of the in-program check: warn once per set of frozen leaves (``flags`` may carry a
+    ``vmap`` batch dimension in front)."""
+    flags = np.asarray(flags).reshape(-1, len(found))
+    frozen = [f for f, on in zip(found, flags.any(axis=0)) if on]
+    if not frozen:
+        return
+    text = message(frozen)
+    if text in _warned:
+        return
+    _warned.add(text)
+    warnings.warn(text + " (found inside a compiled step)", FrozenParameterWarning, stacklevel=2)
+
+
+def find_frozen(params: Any) -> list[tuple[str, str]]:
+    """``(path, kind)`` of every all-zero floating-point array of ``params`` (traced ones skipped),
+    judged by the arrays alone: parameters used as ``1 + θ`` are among them (they move; the check with
+    the model, :func:`check_params` with ``fun``, leaves them out)."""
+    flat = jtu.tree_flatten_with_path(params)[0]
+    names = [leaf_names(path) for path, _ in flat]
+    kinds = _kind(names, [leaf for _, leaf in flat])
+    frozen = []
+    for kind, (path, leaf) in zip(kinds, flat):
+        if isinstance(leaf, jax.core.Tracer) or not _graph.is_float(getattr(leaf, "aval", leaf)):
+            continue
+        if leaf.size and not np.any(np.asarray(leaf) != 0):
+            frozen.append((jtu.keystr(path), kind))
+    return frozen
+
+
+def frozen_leaves(params: Any, fun: Any, args: tuple) -> list[tuple[str, str]]:
+    """``(path, kind)`` of the leaves of ``params`` that are zero and that ``fun(params, *args)`` uses so
+    that they can never move (see the module docstring)."""
+    t = Traced(fun, (params, *args), lfp_epsilon(), 0, False, strict=False)
+    names = [tuple(t.names[k].split("/")) for k in range(len(t.leaves))]
+    kinds = _kind(names, t.leaves)
+    return [(t.paths[k][len("[0]"):], kinds[k]) for k in candidates(t)
+            if not np.any(np.asarray(t.leaves[k]) != 0)]
+
+
+def check_params(params: Any, fun: Any = None, *args: Any) -> None:
+    """Raise :class:`~lfp_jax.errors.FrozenParameterError` if a parameter array is entirely zero and so
+    can never move under LFP.
+
+    Without ``fun`` every all-zero float array counts. With the model, ``fun(params, *args)``, only
+    those that it uses directly, moved or scaled: a zero used as ``1 + θ`` moves and is not reported.
+    Traced values are skipped (call this once outside ``jit``; inside, ``lfp_value_and_feedback`` warns
+    by itself).
+    """
+    frozen = find_frozen(params) if fun is None else frozen_leaves(params, fun, args)
+    if frozen:
+        raise FrozenParameterError(message(frozen))

@@ -25,7 +25,6 @@ ReLU networks. :func:`describe` lists such parameters.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +36,6 @@ from lfp_jax import _arguments, _frozen, _report, sites
 from lfp_jax._frozen import check_params
 from lfp_jax._trace import Traced
 from lfp_jax.composites import Composite, check_composite, lfp_epsilon
-from lfp_jax.errors import FrozenParameterWarning, LFPError
 
 Array = jax.Array
 
@@ -91,10 +89,7 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
     composite = lfp_epsilon() if composite is None else check_composite(composite)
     t = Traced(fun, primals, composite, argnums, has_aux, input_argnums, positions)
     if not allow_frozen:
-        frozen = _frozen.find_frozen(tuple(primals[k] for k in t.argnums))
-        if frozen:
-            warnings.warn(_frozen.frozen_message(frozen), FrozenParameterWarning,
-                          stacklevel=_arguments.user_stacklevel())
+        _frozen.report(t)
     outs, vjp_fn, _ = t.vjp()
     result = jtu.tree_unflatten(t.full_out_tree, outs)
     outputs, aux = result if has_aux else (result, None)

@@ -98,12 +98,37 @@ def test_check_params_names_zero_arrays():
         lfp_jax.check_params({"Dense_0": {"bias": jnp.zeros(3), "kernel": jnp.ones((2, 3))}})
 
 
-def test_torch_init_sets_zero_normalisation_scales_to_one_and_keeps_the_others():
-    """Flax's ResNets start the last BatchNorm scale of a residual block at zero (frozen under LFP)."""
+def test_torch_init_with_the_model_sets_the_scales_lfp_cannot_move_to_one_and_keeps_the_others():
+    """A zero scale used as a weight (x̂ · γ, Flax's zero-initialised residual scale) silences its layer
+    and never moves under LFP: set to 1. A zero scale used as 1 + s (Gemma's RMSNorm) is the identity,
+    and moves: kept, so the model computes what it computed."""
     params = {"bn_last": {"scale": jnp.zeros(4), "bias": jnp.zeros(4)},
-              "ln": {"scale": jnp.full((4,), 0.5)}, "temperature": {"scale": jnp.zeros(())}}
-    new = torch_init(jax.random.key(0), params)
+              "gemma_norm": {"scale": jnp.zeros(4)}, "ln": {"scale": jnp.full((4,), 0.5)},
+              "out": {"kernel": jnp.ones((4, 2))}}
+
+    def norm(h):
+        return (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + 1e-6)
+
+    def fun(p, x):
+        h = norm(x) * p["bn_last"]["scale"] + p["bn_last"]["bias"]
+        h = h + norm(x) * (1 + p["gemma_norm"]["scale"]) + norm(x) * p["ln"]["scale"]
+        return h @ p["out"]["kernel"]
+
+    x = jax.random.normal(jax.random.key(3), (5, 4))
+    new = torch_init(jax.random.key(0), params, fun, x)
     np.testing.assert_array_equal(new["bn_last"]["scale"], 1.0)
-    np.testing.assert_array_equal(new["bn_last"]["bias"], 0.0)   # offsets stay 0, as in PyTorch
-    np.testing.assert_array_equal(new["ln"]["scale"], 0.5)       # a deliberate scale is kept
-    np.testing.assert_array_equal(new["temperature"]["scale"], 0.0)  # not a normalisation scale
+    np.testing.assert_array_equal(new["bn_last"]["bias"], 0.0)       # offsets stay 0, as in PyTorch
+    np.testing.assert_array_equal(new["gemma_norm"]["scale"], 0.0)   # 1 + 0: the identity, and it moves
+    np.testing.assert_array_equal(new["ln"]["scale"], 0.5)           # a deliberate scale is kept
+    without_model = torch_init(jax.random.key(0), params)           # scales are only changed knowingly
+    np.testing.assert_array_equal(without_model["bn_last"]["scale"], 0.0)
+    with pytest.raises(lfp_jax.errors.FrozenParameterError) as info:
+        lfp_jax.check_params(params, fun, x)
+    assert "['bn_last']['scale']" in str(info.value) and "gemma_norm" not in str(info.value)
+
+
+def test_torch_init_can_keep_the_kernels_and_draw_only_the_biases():
+    params = {"Dense_0": {"kernel": jnp.full((3, 4), 0.02), "bias": jnp.zeros(4)}}
+    new = torch_init(jax.random.key(0), params, keep_kernels=True)
+    np.testing.assert_array_equal(new["Dense_0"]["kernel"], 0.02)
+    assert np.all(new["Dense_0"]["bias"] != 0) and np.all(np.abs(new["Dense_0"]["bias"]) <= 1 / np.sqrt(3))

@@ -6,6 +6,7 @@ under ``jit`` and under ``vmap``. References: Theorem 1 (jax.grad) on the ReLU m
 hand-written LSTM with constant lengths, and the batch sum of per-example feedback."""
 
 import functools
+import warnings
 
 import equinox as eqx
 import flax.linen as nn
@@ -17,6 +18,7 @@ from _helpers import rel_err, theorem1_expected, theorem1_reference
 from flax import nnx
 
 import lfp_jax
+from lfp_jax import _frozen
 from lfp_jax import Match, errors, rewards, rules
 
 F64 = jnp.float64
@@ -107,16 +109,23 @@ def _nonzero_stats(stats):
     return jax.tree.map(lambda a: a + jnp.linspace(0.2, 0.8, a.size).reshape(a.shape), stats)
 
 
-def test_resnet_zero_scales_are_named_and_torch_init_gives_every_branch_feedback():
+def test_resnet_zero_scales_are_reported_under_jit_and_torch_init_gives_every_branch_feedback():
+    """The parameters are arguments of the jitted step (tracers at trace time): the compiled step finds
+    the zero residual scales and warns once, naming them and a fix that is true for them."""
     params, stats, x, y = _resnet()
     lfp = lfp_jax.lfp_value_and_feedback(_train, rewards.softmax_loss, has_aux=True, reward_argnums=(3,))
-    # parameters captured by the jitted step are concrete: the zero check sees them at trace time
-    g = lambda params, *args: jax.jit(lambda *a: lfp(params, *a))(*args)  # noqa: E731
+    step = jax.jit(lfp)
+    _frozen._warned.clear()
     with pytest.warns(errors.FrozenParameterWarning) as record:
-        _, fb = g(params, x, stats, y)
+        _, fb = step(params, x, stats, y)
+        jax.effects_barrier()
     message = str(record[0].message)
-    assert "['ResidualBlock_0']['BatchNorm_1']['scale']" in message
-    assert "torch_init sets all-zero normalisation scales to 1" in message
+    assert "['ResidualBlock_0']['BatchNorm_1']['scale']" in message and "compiled step" in message
+    assert "torch_init(key, params, fun, *args) sets the zero scales that LFP cannot move to 1" in message
+    with warnings.catch_warnings():   # once: the second call of the same step is silent
+        warnings.simplefilter("error")
+        step(params, x, stats, y)
+        jax.effects_barrier()
     grads = jax.jit(jax.grad(lambda p: rewards.softmax_loss(_train(p, x, stats)[0], y).sum()))(params)
 
     def silent(fb):  # leaves with a non-zero gradient but no feedback at all
@@ -127,14 +136,23 @@ def test_resnet_zero_scales_are_named_and_torch_init_gives_every_branch_feedback
     assert "['ResidualBlock_0']['BatchNorm_1']['scale']" in silent(fb)
     # a zero scale never moves under LFP, so its branch's kernels never receive feedback either
     assert not np.any(fb["ResidualBlock_0"]["Conv_1"]["kernel"] != 0)
-    params = lfp_jax.nn.torch_init(jax.random.key(2), params)
+    params = lfp_jax.nn.torch_init(jax.random.key(2), params, _train, x, stats)
     assert all(np.all(a != 0) for k, a in jax.tree_util.tree_leaves_with_path(params)
                if "scale" in jax.tree_util.keystr(k))
     with pytest.warns(errors.FrozenParameterWarning) as record:  # BatchNorm offsets stay at 0
-        _, fb = g(params, x, stats, y)
-    assert "scale" not in str(record[0].message) and "offsets start at 0" in str(record[0].message)
+        _, fb = step(params, x, stats, y)
+        jax.effects_barrier()
+    assert "['scale']" not in str(record[0].message) and "offsets start at 0" in str(record[0].message)
     assert all(k.endswith("['bias']") and ("BatchNorm" in k or "norm_proj" in k) for k in silent(fb))
     assert np.all(fb["ResidualBlock_0"]["Conv_1"]["kernel"] != 0)
+
+
+def test_concrete_parameters_are_checked_when_the_model_is_traced():
+    params, stats, x, y = _resnet()
+    lfp = lfp_jax.lfp_value_and_feedback(_train, rewards.softmax_loss, has_aux=True, reward_argnums=(3,))
+    with pytest.warns(errors.FrozenParameterWarning, match=r"BatchNorm_1'\]\['scale'\]") as record:
+        jax.jit(lambda *a: lfp(params, *a))(x, stats, y)   # captured: concrete at trace time
+    assert "compiled step" not in str(record[0].message)
 
 
 @pytest.mark.parametrize("mode", [EAGER, "jit"])
