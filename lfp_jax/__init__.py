@@ -3,7 +3,7 @@
 ``lfp_value_and_feedback`` is to LFP what ``jax.value_and_grad`` is to gradient descent.
 """
 
-from lfp_jax import composites, errors, nn, rewards, rules, sites
+from lfp_jax import composites, errors, nn, rewards, rules, sites, targets
 from lfp_jax.api import (
     check_params,
     describe,
@@ -41,4 +41,5 @@ __all__ = [
     "rewards",
     "rules",
     "sites",
+    "targets",
 ]

@@ -109,8 +109,8 @@ class Traced:
             raise LFPError(self._unreached())
         self.diff = [k for k in range(len(self.leaves)) if self.is_param[k] or self.in_taint[k]]
         self.id_leaves = sorted(k for k in self.plan.id_inputs if k not in self.plan.body_ids)
-        tables = [self.graph.aval(s.operands[0] if s.label != "one_hot" else s.operands[1 - s.ids_operands[0]])
-                  for s in self.plan.sites if s.kind == "embedding"]
+        tables = [self.graph.aval(s.operands[1 - s.ids_operands[0]] if s.label == "one_hot"
+                                  else s.operands[0]) for s in self.plan.sites if s.kind == "embedding"]
         self.carrier_dtype = jnp.result_type(*[a.dtype for a in tables]) if tables else jnp.float32
 
     def _unreached(self) -> str:
@@ -202,9 +202,10 @@ class Traced:
                 full[k] = v
             tp = None
             if taps is not None:
-                tp = dict(taps, out=tap_values["out"], values={})
-                if "in" in tap_values:
-                    tp["in"] = tap_values["in"]
+                tp = dict(taps, out=tap_values.get("out", {}), record=tap_values.get("record", {}),
+                          **{"in": tap_values.get("in", {})})
+                if "values" in taps:  # every site's operands and output (conservation)
+                    tp["values"] = {}
             outs = evaluate(self.plan, full, tp, dict(zip(self.id_leaves, carriers)))
             extra = None if tp is None else {k: v for k, v in tp.items() if k in ("values", "moved")}
             return [o for o, fl in zip(outs, self.float_out) if fl], (outs, extra)
@@ -215,10 +216,36 @@ class Traced:
             # which costs several times a compile on anything but the smallest model; under jit/vmap it
             # is inlined anyway
             f = jax.jit(f)
-        tap_values = {} if taps is None else {k: v for k, v in taps.items() if k in ("out", "in")}
+        tap_values = {} if taps is None else {k: v for k, v in taps.items() if k in ("out", "in", "record")}
         _, vjp_fn, (outs, extra) = jax.vjp(f, [self.leaves[k] for k in self.diff], carriers, tap_values,
                                            has_aux=True)
         return outs, vjp_fn, extra
+
+    def results(self, cts: list, carrier_cts: list) -> list:
+        """Per traced leaf, from the backward pass's cotangents: a parameter's feedback (the ``|W|`` of
+        every effective weight is applied at its use), an input's relevance ``x ⊙ c_x`` (or ``R`` where
+        the rules handed it whole), the relevance of each token of an id input; ``None`` elsewhere."""
+        out: list[Any] = [None] * len(self.leaves)
+        for k, ct in zip(self.diff, cts):
+            if self.is_param[k]:
+                out[k] = ct
+            else:
+                out[k] = ct if k in self.plan.relevance_inputs else self.leaves[k] * ct
+        for k, ct in zip(self.id_leaves, carrier_cts):
+            out[k] = ct
+        return out
+
+    def check_ids_explained(self, positions: tuple[int, ...]) -> None:
+        """Refuse to explain token ids whose lookups are inside control flow (no per-token relevance)."""
+        hidden = sorted({self.names[k] for k in self.plan.body_ids
+                         if self.owner[k] in positions and self.is_ids[k]})
+        if hidden:
+            raise LFPError(
+                f"the token ids {', '.join(hidden)} are looked up inside a scan, cond or remat body, where "
+                f"the relevance of each token cannot be carried back to the ids (JAX's loop primitives "
+                f"take no extra operands for it). Look the ids up before the loop and pass the "
+                f"embeddings in, or explain the embeddings: lrp(..., record=Match(kind='embedding')) "
+                f"returns the relevance at each lookup's output.")
 
     def seeds(self, outs: list, r_leaves: list) -> tuple[list, dict]:
         """The cotangents that start the backward pass from the reward leaves ``r_leaves`` (one per

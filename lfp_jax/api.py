@@ -99,16 +99,7 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
     def feedback_fn(reward: Any) -> tuple:
         seeds, _ = t.seeds(outs, _arguments.check_reward(reward, outputs, t.out_tree))
         cts, carrier_cts, _ = vjp_fn(seeds)
-        result_leaves: list[Any] = [None] * len(t.leaves)
-        for k, ct in zip(t.diff, cts):
-            x = t.leaves[k]
-            if t.is_param[k]:  # the |W| of every effective weight is applied at its use
-                result_leaves[k] = ct
-            else:  # an input: R = x ⊙ c, or R itself where the rules handed it (rules.LinearRule)
-                result_leaves[k] = ct if k in t.plan.relevance_inputs else x * ct
-        for k, ct in zip(t.id_leaves, carrier_cts):  # token ids: the relevance of each token
-            result_leaves[k] = ct
-        per_arg = t.unflatten(result_leaves)
+        per_arg = t.unflatten(t.results(cts, carrier_cts))
         return tuple(None if c else a for a, c in zip(per_arg, constant))
 
     if has_aux:
@@ -164,7 +155,8 @@ def lfp_value_and_feedback(
 
     def g(*args):
         fun_args, reward_args, nums, inputs, mapping = _arguments.split_args(args, argnums, reward_argnums,
-                                                                   input_argnums)
+                                                                             input_argnums)
+        _arguments.check_call(fun, len(fun_args), reward_argnums, len(args), reward_fn)
         res = _lfp_vjp(fun, fun_args, composite, nums, inputs, has_aux, allow_frozen, mapping)
         outputs, feedback_fn = res[0], res[1]
         reward = jax.lax.stop_gradient(reward_fn(outputs, *reward_args))
@@ -207,34 +199,52 @@ def lfp_grad(fun: Callable, reward_fn: Callable, **kwargs: Any) -> Callable:
 
 
 def lrp(fun: Callable, composite: Composite | None = None, *,
-        argnums: int | Sequence[int] = 1) -> Callable:
+        argnums: int | Sequence[int] = 1, record: Any = None) -> Callable:
     r"""LRP explanations: ``g(*args, target=...) -> (outputs, relevance)``, one backward pass.
 
     The relevance of the inputs ``args[argnums]`` for the output relevance ``target`` under the rules
     of ``composite`` (default :func:`~lfp_jax.composites.attn_lrp`): ``R_x = x ⊙ c_x``, with ``c``
     carried back from ``c_z = target / (z + ε·sign(z))`` at the outputs ``z``, or the relevance itself
     where the input's layer hands it whole (classic rules such as flat, w², z^B: inputs that are exactly
-    0 keep their relevance). Zennit's presets are in :mod:`lfp_jax.composites` (``epsilon_plus``, ...);
-    :func:`lfp_jax.conservation` shows where relevance goes, site by site. Every other argument is
-    a constant (parameters included: no feedback is computed); ``fun`` may close over its parameters.
-    Works under ``jit`` and ``vmap``.
+    0 keep their relevance). For integer token ids (a language model), the relevance of each token is
+    the relevance at its embedding lookup's output summed over the features,
+    ``R_t = Σ_d e_{t,d} c_{t,d}``, shaped like the ids. Zennit's presets are in
+    :mod:`lfp_jax.composites` (``epsilon_plus``, ...); :func:`lfp_jax.conservation` shows where
+    relevance goes, site by site. Every other argument is a constant (parameters included: no feedback
+    is computed); ``fun`` may close over its parameters (not over an embedding table: token ids need
+    the table as an argument). Works under ``jit`` and ``vmap``.
 
     Args:
       fun: the model.
       composite: which rule at which site.
       argnums: position(s) of the argument(s) to explain (default 1: ``fun(params, x)``).
+      record: a :class:`~lfp_jax.Match` (or a predicate ``site -> bool``, or a sequence of them)
+        picking sites whose output relevance ``R_y = y ⊙ c_y`` to return as well (``c_y`` as the
+        site's rule receives it, after the ε of its block: see :mod:`lfp_jax._record`), e.g.
+        ``Match(kind="sum")`` for the residual stream after every block of a transformer, or
+        ``Match(path="*/layer_3/*")`` for one block's layers (:func:`describe` lists the sites).
 
     Returns:
       ``g``; ``g(*args, target=t)`` returns ``(outputs, relevance)`` with ``relevance`` of the structure
-      of ``args[argnums]`` (a tuple for several). ``target`` is either integer class labels, one per
-      sample (output relevance ``one_hot(label) ⊙ outputs``, so that under a conservative composite
-      ``Σ relevance ≈`` the class logit), or the output relevance itself, shaped like the outputs.
+      of ``args[argnums]`` (a tuple for several), and with ``record`` ``(outputs, relevance,
+      recorded)``: a dict from ``"<n> <kind> <module path>"`` (``n`` the site's row in
+      :func:`describe`) to the relevance at that site's output. ``target`` is either integer class labels,
+      one per output row (output relevance ``one_hot(label) ⊙ outputs``, so that under a conservative
+      composite ``Σ relevance ≈`` the class logit), or the output relevance itself, shaped like the
+      outputs: :mod:`lfp_jax.targets` builds it for a token at a position, a span of generated tokens,
+      or a contrast between two tokens.
 
     Example::
 
         explain = lfp_jax.lrp(lambda p, x: model.apply({"params": p}, x))
         logits, heatmap = jax.jit(explain)(params, images, target=labels)
+
+        explain_lm = lfp_jax.lrp(lambda p, ids: lm.apply({"params": p}, ids), record=Match(kind="sum"))
+        logits = lm.apply({"params": lm_params}, ids)                     # (batch, tokens, vocabulary)
+        target = lfp_jax.targets.token(logits, next_token, position=-1)
+        logits, per_token, stream = jax.jit(explain_lm)(lm_params, ids, target=target)
     """
+    from lfp_jax import _record
     from lfp_jax.composites import attn_lrp
 
     composite = attn_lrp() if composite is None else check_composite(composite)
@@ -243,10 +253,23 @@ def lrp(fun: Callable, composite: Composite | None = None, *,
 
     def g(*args, target):
         inputs = _arguments.input_argnums(nums, len(args), ())
-        outputs, relevance_fn = _lfp_vjp(fun, args, composite, (), inputs, False, True, None)
-        per_arg = relevance_fn(_arguments.output_relevance(outputs, target))
+        t = Traced(fun, args, composite, (), False, inputs, None)
+        t.check_ids_explained(inputs)
+        chosen = _record.select(t.plan, record) if record is not None else []
+        outs, vjp_fn, extra = t.vjp(_record.taps(t.plan, chosen) if chosen else None)
+        outputs = jtu.tree_unflatten(t.full_out_tree, outs)
+        reward = _arguments.check_reward(_arguments.output_relevance(outputs, target), outputs, t.out_tree)
+        seeds, given = t.seeds(outs, reward)
+        cts, carrier_cts, tap_cts = vjp_fn(seeds)
+        per_arg = t.unflatten(t.results(cts, carrier_cts))
         relevance = tuple(per_arg[k] for k in inputs)
-        return outputs, relevance[0] if single else relevance
+        relevance = relevance[0] if single else relevance
+        if record is None:
+            return outputs, relevance
+        keys = _record.keys(chosen, len(list(sites.iter_sites(t.plan))))
+        recorded = {key: _record.recorded(site, extra["moved"][site.output], tap_cts["record"][site.output])
+                    for key, (_, site) in zip(keys, chosen)}
+        return outputs, relevance, recorded
 
     return g
 

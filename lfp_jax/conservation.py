@@ -26,15 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lfp_jax import _arguments
+from lfp_jax import _arguments, _record
 from lfp_jax import sites as _sites
+from lfp_jax._primitives import MOVES as _MOVES
 from lfp_jax._report import rule_name, short_source, table
 from lfp_jax._trace import Traced
 from lfp_jax.composites import attn_lrp, check_composite
-from lfp_jax._primitives import MOVES as _MOVES
 from lfp_jax.errors import ConservationError
-from lfp_jax.interpreter import evaluate
-from lfp_jax.rules import ABSOLUTE
 
 _AFFINE = frozenset({"add", "sub", "mul", "div", "neg"})  # with one input-dependent operand
 
@@ -176,7 +174,7 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
     taps = {"out": {v: (zeros(v),) * 3 for s in sites for v in closure[id(s)]},
             "in": {(k, j): zeros(a) for k, s in enumerate(sites)
                    for j, (a, c) in enumerate(zip(s.operands, s.carries_reward)) if c},
-            "skip": frozenset(skip)}
+            "skip": frozenset(skip), "values": {}}
 
     outs, vjp, extra = t.vjp(taps)
     values, moved = extra["values"], extra["moved"]
@@ -192,15 +190,8 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
     rows = []
     for k, site in enumerate(sites):
         ops, out = values[k]
-        absolute = site.rule.output_epsilon is ABSOLUTE or site.relevance_output
-        r_in = 0.0
-        for v in closure[id(site)]:
-            plain, wrapped, handed = ct_taps["out"][v]
-            y = moved[v]
-            r_in += float(jnp.sum(plain if absolute else y * plain) + jnp.sum(y * wrapped) + jnp.sum(handed))
-            for pos, o in enumerate(g.outputs):
-                if isinstance(o, int) and o == v and pos in given:
-                    r_in += float(jnp.sum(given[pos]))
+        r_in = sum(float(jnp.sum(_record.relevance(plan, site, v, moved[v], ct_taps["out"][v], given)))
+                   for v in closure[id(site)])
         r_out = 0.0
         handed_r = site.rule.returns_relevance or (site.kind == "max_pool" and site.relevance_output)
         for j, (op, c) in enumerate(zip(ops, site.carries_reward)):

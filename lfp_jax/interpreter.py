@@ -33,19 +33,22 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
     shape whose cotangent becomes the tokens' relevance (:mod:`lfp_jax._embedding`): it follows the ids
     through ``plan.id_nodes`` into the embedding sites.
 
-    ``taps`` (for :func:`lfp_jax.conservation`) adds zeros whose cotangents are the reward crossing
-    each top-level site: ``taps["out"][v] = (plain, wrapped, relevance)`` are added to the reads of
-    value ``v`` by its consumers (a plain read, one through a block boundary, one through a relevance
-    boundary: on the consumer's side of it), ``taps["in"][(k, j)]`` to operand ``j`` of the ``k``-th
-    site of the schedule as its rule reads it.
+    ``taps`` adds zeros whose cotangents are the reward crossing each top-level site. For
+    ``lrp(..., record=...)``, ``taps["record"][v]`` is added to the output ``v`` of a site where the site
+    produces it (its cotangent: everything its uses hand back). For :func:`lfp_jax.conservation`:
+    ``taps["out"][v] = (plain, wrapped, relevance)`` are added to the reads of value ``v`` by its
+    consumers (a plain read, one through a block boundary, one through a relevance boundary: on the
+    consumer's side of it), ``taps["in"][(k, j)]`` to operand ``j`` of the ``k``-th site of the schedule
+    as its rule reads it.
     """
     g = plan.graph
     env: dict[int, Any] = dict(zip(g.inputs, args))
     carried: dict[int, Any] = {g.inputs[k]: c for k, c in (carriers or {}).items()}
     stabilized: dict[Any, Any] = {}
-    out_taps = taps["out"] if taps else {}
-    in_taps = taps["in"] if taps else {}
-    skip = taps["skip"] if taps else ()
+    out_taps = taps.get("out", {}) if taps else {}
+    record = taps.get("record", {}) if taps else {}
+    in_taps = taps.get("in", {}) if taps else {}
+    skip = taps.get("skip", ()) if taps else ()
 
     weights: dict[int, Any] = {}
 
@@ -89,8 +92,8 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
                     for k, a in enumerate(site.operands)))
             outs = site.rule(call, *ops)
             for var, val in zip((site.output,) + site.extras, outs):
-                env[var] = val
-            if taps is not None:
+                env[var] = val + record[var] if var in record else val
+            if taps is not None and "values" in taps:
                 taps["values"][k] = (ops, outs[0])
             continue
         i, node = step, g.nodes[step]
@@ -108,7 +111,7 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
         if i in plan.id_nodes and carried:
             _carry(plan, node, ins, carried)
     if taps is not None:
-        taps["moved"] = {v: env[v] for v in out_taps if v in env}
+        taps["moved"] = {v: env[v] for v in list(out_taps) + list(record) if v in env}
     return [read(o, p in plan.wrapped_outputs, tap=False) for p, o in enumerate(g.outputs)]
 
 

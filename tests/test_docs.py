@@ -141,7 +141,8 @@ EXAMPLES = docstring_examples()
 def example_namespace() -> dict:
     """The names the docstring examples take as given: a linen MLP ``model`` with ``params``, a batch of
     ``images`` and ``labels`` (also ``x``), a PRNG ``key``, a BatchNorm network ``net`` (eval mode), a
-    learning rate ``lr``."""
+    learning rate ``lr``; a linen language model ``lm`` with ``lm_params``, token ``ids`` and a
+    ``next_token`` per sequence."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -160,14 +161,25 @@ def example_namespace() -> dict:
             h = nn.BatchNorm(use_running_average=True)(nn.Dense(16)(x.reshape(x.shape[0], -1)))
             return nn.Dense(10)(nn.relu(h))
 
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            embed = nn.Embed(20, 8)
+            h = embed(ids)
+            return embed.attend(h + nn.Dense(8)(nn.relu(nn.Dense(16)(h))))
+
     key = jax.random.key(0)
     images = jax.random.uniform(key, (4, 8, 8, 1))
+    ids = jax.random.randint(key, (2, 5), 0, 20)
+    lm = LM()
     labels = jnp.array([0, 3, 5, 9])
     model, net = MLP(), Net()
     params = lfp_jax.nn.torch_init(key, model.init(key, images)["params"])
     return dict(jax=jax, jnp=jnp, lfp_jax=lfp_jax, rewards=rewards, rules=rules, Match=Match,
                 lfp_value_and_feedback=lfp_value_and_feedback, model=model, params=params, images=images,
-                labels=labels, x=images, key=key, net=net, lr=0.01)
+                labels=labels, x=images, key=key, net=net, lr=0.01, lm=lm,
+                lm_params=lfp_jax.nn.torch_init(key, lm.init(key, ids)["params"]), ids=ids,
+                next_token=jnp.array([3, 7]))
 
 
 def test_the_docstrings_have_examples():

@@ -72,7 +72,8 @@ def test_token_ids_that_index_no_parameter_table_get_a_clear_message():
         return table[tokens].sum(1) @ p["w"]
 
     with pytest.raises(errors.LFPError, match=r"the inputs of fun are integers .* no lookup of a "
-                                              r"parameter table by them .* pass it in an argument in argnums"):
+                                              r"parameter table by them .* pass it in an argument in "
+                                              r"argnums"):
         _feedback(fun, p, jnp.array([[1, 2], [3, 4], [5, 6], [7, 8]]))
 
 

@@ -18,8 +18,7 @@ from _helpers import rel_err, theorem1_expected, theorem1_reference
 from flax import nnx
 
 import lfp_jax
-from lfp_jax import _frozen
-from lfp_jax import Match, errors, rewards, rules
+from lfp_jax import Match, _frozen, errors, rewards, rules
 
 F64 = jnp.float64
 EPS = lfp_jax.lfp_epsilon(1e-12)

@@ -103,19 +103,23 @@ def test_an_offset_scale_initialised_to_zero_gets_the_feedback_of_its_weight_by_
 def test_an_offset_scale_satisfies_theorem_1_with_the_effective_weight():
     """ReLU network with 1 + s norms: F_s = −|1 + s| ⊙ ∇_s Σ CE (∂W/∂s = 1), for s = 0 and s ≠ 0."""
     k = jax.random.split(jax.random.key(14), 4)
+    x = jax.random.normal(k[2], (8, 5), jnp.float64)
+    y = jnp.arange(8) % 3
+
+    def fun(p, x):
+        return jax.nn.relu(_rms_one_plus_scale(x @ p["w1"], p["scale"])) @ p["w2"]
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(fun(p, x), y).sum()
+
     for scale in (jnp.zeros(6), jax.random.normal(k[3], (6,), jnp.float64) * 0.3):
         params = {"w1": jax.random.normal(k[0], (5, 6), jnp.float64), "scale": scale,
                   "w2": jax.random.normal(k[1], (6, 3), jnp.float64)}
 
-        def fun(p, x):
-            return jax.nn.relu(_rms_one_plus_scale(x @ p["w1"], p["scale"])) @ p["w2"]
-
-        x = jax.random.normal(k[2], (8, 5), jnp.float64)
-        y = jnp.arange(8) % 3
         g = lfp_jax.lfp_value_and_feedback(fun, lfp_jax.rewards.softmax_loss, composite=EPS,
                                            reward_argnums=(2,))
         got = jax.jit(g)(params, x, y)[1]
-        grad = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(fun(p, x), y).sum())(params)
+        grad = jax.grad(loss)(params)
         np.testing.assert_allclose(got["scale"], -np.abs(1 + params["scale"]) * grad["scale"], rtol=1e-7)
         for name in ("w1", "w2"):  # used as they are: the paper's Theorem 1
             np.testing.assert_allclose(got[name], -np.abs(params[name]) * grad[name], rtol=1e-7,
