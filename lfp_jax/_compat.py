@@ -8,10 +8,11 @@ talks to this module.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from typing import Any
 
-import jax
 from jax.extend import core as jex
 
 ClosedJaxpr = jex.ClosedJaxpr
@@ -64,28 +65,31 @@ def while_layout(params: dict) -> tuple[int, int]:
 
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_LIBRARY_DIRS = (
-    _HERE,
-    os.path.dirname(os.path.abspath(jax.__file__)),
-)
+_STDLIB = os.path.dirname(os.path.abspath(os.__file__))
+# the frameworks a model is written with: their frames are never the source of a site
+_FRAMEWORKS = ("jax", "jaxlib", "flax", "optax", "equinox", "chex", "numpy", "ml_dtypes", "jaxtyping")
+_FRAMEWORK_PARTS = ("/penzai/core/",)  # penzai's named-axis machinery (its layers are model code)
 
 
+@functools.cache
 def _library_dirs() -> tuple[str, ...]:
-    dirs = list(_LIBRARY_DIRS)
-    for mod in ("flax", "optax", "jaxlib"):
+    dirs = [_HERE]
+    for mod in _FRAMEWORKS:
         try:
             module = __import__(mod)
-            dirs.append(os.path.dirname(os.path.abspath(module.__file__)))
         except ImportError:  # pragma: no cover - optional
-            pass
+            continue
+        dirs.append(os.path.dirname(os.path.abspath(module.__file__)))
     return tuple(dirs)
 
 
 def user_line(source_info: Any) -> str | None:
-    """``file:line (function)`` of the innermost user frame that created an equation, or None.
+    """``file:line (function)`` of the innermost frame that created an equation outside the frameworks
+    (jax, flax, optax, equinox, lfp_jax, Python itself), or None.
 
-    Frames inside jax, flax, optax, lfp_jax and installed packages are skipped, so a model written
-    with Flax points at the user's module, not at ``flax/linen/linear.py``.
+    A model written with Flax points at the user's module, not at ``flax/linen/linear.py``; a model
+    from an installed library (transformers, penzai, gemma) at the library's line, shown relative to
+    its ``site-packages`` (``transformers/models/gpt2/modeling_flax_gpt2.py:215``).
     """
     tb = getattr(source_info, "traceback", None)
     if tb is None:
@@ -100,8 +104,12 @@ def user_line(source_info: Any) -> str | None:
     lib = _library_dirs()
     for frame in frames:  # innermost first
         fname = os.path.abspath(frame.file_name)
-        if not fname.startswith(lib) and "/site-packages/" not in fname and "<frozen" not in fname:
-            return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+        installed = "/site-packages/" in fname or "/dist-packages/" in fname
+        if fname.startswith(lib) or "<frozen" in fname or (fname.startswith(_STDLIB) and not installed) \
+                or any(part in fname for part in _FRAMEWORK_PARTS):
+            continue
+        shown = re.split(r"/(?:site|dist)-packages/", fname, maxsplit=1)[-1] if installed else frame.file_name
+        return f"{shown}:{frame.start_line} ({frame.function_name})"
     return None
 
 

@@ -9,6 +9,7 @@ elementwise in ``x`` is an *activation*; one that divides by a reduced standard 
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 
@@ -287,14 +288,37 @@ def _activation_label(g: Graph, nodes: list[int], scope_sizes: dict) -> str:
     return "elementwise"
 
 
+_NORM_NAMES = (
+    (re.compile(r"BatchNorm|(^|/|_)(bn|batch_?norm)(\d*)($|/|_)", re.I), "batch_norm"),
+    (re.compile(r"LayerNorm|(^|/|_)(ln|layer_?norm)(\d*)($|/|_)", re.I), "layer_norm"),
+    (re.compile(r"GroupNorm|(^|/|_)group_?norm", re.I), "group_norm"),
+    (re.compile(r"RMSNorm|(^|/|_)rms_?norm", re.I), "rms_norm"),
+)
+
+
 def _norm_label(g: Graph, nodes: list[int], x: int) -> str:
-    stacks = " ".join(g.nodes[r].path for r in nodes)
-    for word, label in (("BatchNorm", "batch_norm"), ("LayerNorm", "layer_norm"),
-                        ("GroupNorm", "group_norm"), ("RMSNorm", "rms_norm")):
-        if word in stacks:
+    """What a normalisation is: by its module's name (``BatchNorm_0``, ``bn_init``, ``ln_1``,
+    ``RMSNorm``), else by the axes its statistics reduce: the batch axis and every other axis but one
+    (the channels) for a batch norm; otherwise a layer norm (which subtracts the mean) or an RMS norm
+    (which does not)."""
+    stacks = [g.nodes[r].path for r in nodes]
+    for pattern, label in _NORM_NAMES:
+        if any(pattern.search(path) for path in stacks):
             return label
+    moved, shape = {x}, g.aval(x).shape
+    for r in nodes:   # x, cast, reshaped or squared elementwise (x², the statistics in float32)
+        node = g.nodes[r]
+        ins = [a for a in node.inputs if isinstance(a, int)]
+        if ins and all(a in moved for a in ins) and (
+                node.name in ("convert_element_type", "reshape", "copy")
+                or (node.name in ELEMENTWISE and all(g.aval(a).shape == shape for a in ins))):
+            moved.update(o for o in node.outputs if o is not None)
     for r in nodes:
         node = g.nodes[r]
-        if node.name == "reduce_sum" and x in node.inputs:
-            return "batch_norm" if 0 in node.params.get("axes", ()) else "layer_norm"
+        if node.name == "reduce_sum" and node.inputs[0] in moved:
+            ndim, axes = len(g.aval(node.inputs[0]).shape), tuple(node.params.get("axes", ()))
+            if ndim >= 2 and 0 in axes and len(axes) == ndim - 1:   # all axes but the channels
+                return "batch_norm"
+            centred = any(g.nodes[q].name == "sub" for q in nodes)
+            return "layer_norm" if centred else "rms_norm"
     return "normalization"

@@ -753,14 +753,26 @@ _TRANSFORM = re.compile(r"^(vmap|pmap|jvp|transpose|checkpoint|remat|jit|pjit|sc
 _LIFTED = re.compile(r"^\w+\.\w+_fn$")  # linen's lifted transforms: ``LSTMCell_0.scan_fn``
 
 
+_METHOD = re.compile(r"^(\w+)\.\w+$")  # a module called through a method: ``Embed_0.attend``
+
+
 def clean_name_stack(stack: str) -> str:
     """A name stack without transformation wrappers (``vmap(...)``), equinox's class scopes
     (``eqx.nn.Linear``), ``jnp.einsum``'s equations (``bi,bj->bij``) and linen's lifted functions
-    (``LSTMCell_0.scan_fn``): what is left is a module path
-    (linen) or a user's ``jax.named_scope``."""
-    parts = [p for p in stack.split("/")
-             if p and not _TRANSFORM.match(p) and not p.startswith("eqx.") and "->" not in p
-             and not _LIFTED.match(p)]
+    (``LSTMCell_0.scan_fn``), with methods reduced to their module (``Embed_0.attend`` →
+    ``Embed_0``; ``Transformer/Transformer._apply_attention/layer_0`` → ``Transformer/layer_0``): what is
+    left is a module path (linen) or a user's ``jax.named_scope``. A stack of positions only
+    (penzai's ``1/0/2``, indices into nested ``Sequential`` layers) names nothing: ``''``."""
+    parts: list[str] = []
+    for p in stack.split("/"):
+        if not p or _TRANSFORM.match(p) or p.startswith("eqx.") or "->" in p or _LIFTED.match(p):
+            continue
+        method = _METHOD.match(p)
+        p = method.group(1) if method else p
+        if not (parts and parts[-1] == p):
+            parts.append(p)
+    if all(p.isdigit() for p in parts):
+        return ""
     return "/".join(parts)
 
 
@@ -775,7 +787,11 @@ def _parent(paths: Sequence[str]) -> str:
             break
         common.append(parts[0])
     if len(common) == min(len(p) for p in split):  # one leaf, or a leaf and its own sub-leaves
-        common = common[:-1] if len(common) > 1 else common
+        last = common[-1]
+        if "." in last and not last.startswith("."):   # penzai's labels: ``attention/query.weights``
+            common = common[:-1] + [last.partition(".")[0]]
+        else:
+            common = common[:-1] if len(common) > 1 else common
     return "/".join(common)
 
 
