@@ -184,3 +184,63 @@ def test_sites_inside_flax_rnn_cells_point_at_the_users_line():
     sites = lfp_jax.find_sites(lambda p, x: Net().apply(p, x), v, x)
     assert [s.kind for s in sites] == ["linear", "linear", "sum", "activation"]
     assert all(f"test_sites.py:{line} (" in s.source_line and "Net.__call__" in s.source_line for s in sites)
+
+
+# -- names of sites in models from libraries --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack,path", [
+    ("Transformer/Transformer._apply_attention/layer_0/attn/q_einsum/BTD,NDH->BTNH",
+     "Transformer/layer_0/attn/q_einsum"),                      # gm: a method scope and an einsum
+    ("Transformer/Transformer._encode_and_get_inputs/embedder.encode", "Transformer/embedder"),
+    ("LM/Embed_0.attend", "LM/Embed_0"),                        # linen: a module called by a method
+    ("1/0/0/1/vmap(vmap(vmap()))", ""),                         # penzai: positions in Sequentials
+    ("RNN_0/LSTMCell_0.scan_fn/LSTMCell_0", "RNN_0/LSTMCell_0"),
+])
+def test_name_stacks_become_module_paths(stack, path):
+    from lfp_jax.sites import clean_name_stack
+
+    assert clean_name_stack(stack) == path
+
+
+def test_a_site_named_only_by_positions_takes_its_parameter_label():
+    """penzai names parameters by label (``block/attention/query.weights``) and its name stacks hold only
+    positions: the site is named after the label's layer."""
+    params = {"block_0/attention/query.weights": jnp.ones((3, 4)), "head/out.weights": jnp.ones((4, 2))}
+
+    def fun(p, x):
+        with jax.named_scope("1"), jax.named_scope("0"):
+            h = jax.nn.relu(x @ p["block_0/attention/query.weights"])
+        return h @ p["head/out.weights"]
+
+    paths = [s.path for s in lfp_jax.find_sites(fun, params, jnp.ones((2, 3))) if s.kind == "linear"]
+    assert paths == ["block_0/attention/query", "head/out"]
+
+
+def test_a_batch_norm_is_named_by_its_module_or_by_the_axes_of_its_statistics():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3))(x)
+            x = nn.BatchNorm(use_running_average=False, name="bn_init", dtype=jnp.bfloat16)(x)
+            x = nn.BatchNorm(use_running_average=False, name="stem")(jnp.asarray(x, jnp.float32))
+            return nn.Dense(3)(x.mean((1, 2)))
+
+    net = Net()
+    x = jnp.ones((2, 6, 6, 3))
+    v = net.init(jax.random.key(0), x)
+
+    def fun(p, x):
+        return net.apply({"params": p, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])[0]
+
+    labels = [s.label for s in lfp_jax.find_sites(fun, v["params"], x, input_argnums=(1,))
+              if s.kind == "normalization"]
+    assert labels == ["batch_norm", "batch_norm"]
+
+    def per_token(x):   # a layer norm of one example (as equinox writes it under vmap) and an RMS norm
+        h = (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6)
+        return h * jax.lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6)
+
+    labels = [s.label for s in lfp_jax.find_sites(lambda p, x: per_token(x) @ p, jnp.ones((5, 2)),
+                                                  jnp.ones(5)) if s.kind == "normalization"]
+    assert labels == ["layer_norm", "rms_norm"]
