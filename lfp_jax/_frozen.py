@@ -8,8 +8,15 @@ of every residual block. A zero parameter used through a shift (Gemma's RMSNorm 
 
 The check runs where people train. With concrete parameters it runs on the host when the model is
 traced; under ``jax.jit``, ``pmap`` and ``vmap`` the parameters are tracers, and the compiled step
-tests each candidate leaf (``all(θ == 0)``, a reduction fused into the step) and calls back to the host
-only when one is zero: the first such call warns, once per set of leaves.
+reads one element of each candidate leaf; only when one is 0 does it test the whole leaf and call back
+to the host, which warns once per set of leaves. The call-back is a ``jax.pure_callback`` (an effect
+would also cost every call of the step JAX's fast dispatch path); its int32 zero is added to the
+feedback so that the check stays in the program.
+
+The check is not free: a host call-back in an executable slows XLA's CPU runtime down even where it
+never runs (``benchmarks/frozen_check.py``: 5-15 % of a CPU step). ``allow_frozen=True`` compiles the
+step without it, once the warning has been read or the parameters checked (:func:`check_params` with
+the model).
 """
 
 from __future__ import annotations
@@ -106,39 +113,60 @@ def candidates(t: Any) -> list[int]:
             and t.leaves[k].size]
 
 
-def report(t: Any) -> None:
+def report(t: Any) -> Any:
     """Warn about candidate leaves that are entirely zero: now for concrete ones, from inside the
-    compiled program for traced ones (see the module docstring)."""
+    compiled program for traced ones (see the module docstring).
+
+    Returns ``None``, or for traced leaves an int32 zero computed by the check, which the caller adds to
+    the feedback: a value the outputs depend on keeps the check in the compiled program. The check reads
+    one element of each candidate leaf per step; only when one of them is 0 does it test the whole leaf
+    and call back to the host (``jax.pure_callback``: no effect, so JAX keeps its fast dispatch path).
+    """
     cands = candidates(t)
     if not cands:
-        return
+        return None
     names = [tuple(t.names[k].split("/")) for k in range(len(t.leaves))]
     kinds = dict(zip(range(len(t.leaves)), _kind(names, t.leaves)))
-    concrete = [k for k in cands if not isinstance(t.leaves[k], jax.core.Tracer)]
-    traced = [k for k in cands if isinstance(t.leaves[k], jax.core.Tracer)]
-    # numpy, not jnp: a jnp comparison of a concrete leaf captured under jit would be traced
-    frozen = [(t.paths[k], kinds[k]) for k in concrete if not np.any(np.asarray(t.leaves[k]) != 0)]
+    values = {k: _concrete(t.leaves[k]) for k in cands}
+    traced = [k for k in cands if values[k] is None]
+    frozen = [(t.paths[k], kinds[k]) for k in cands if values[k] is not None and not np.any(values[k] != 0)]
     if frozen:
         warnings.warn(message(frozen), FrozenParameterWarning, stacklevel=user_stacklevel())
-    if traced:
-        flags = jnp.stack([jnp.all(t.leaves[k] == 0) for k in traced])
-        found = tuple((t.paths[k], kinds[k]) for k in traced)
-        jax.lax.cond(jnp.any(flags), lambda f: jax.debug.callback(functools.partial(_warn_once, found), f),
-                     lambda f: None, flags)
+    if not traced:
+        return None
+    leaves = [t.leaves[k] for k in traced]
+    found = tuple((t.paths[k], kinds[k]) for k in traced)
+
+    first = jnp.stack([leaf[(0,) * leaf.ndim] == 0 for leaf in leaves])   # one element each: cheap
+
+    def full_check(_):
+        flags = jnp.stack([jnp.all(leaf == 0) for leaf in leaves])
+        return jax.pure_callback(functools.partial(_warn_once, found), jax.ShapeDtypeStruct((), jnp.int32),
+                                 flags, vmap_method="sequential")
+
+    return jax.lax.cond(jnp.any(first), full_check, lambda _: jnp.zeros((), jnp.int32), None)
 
 
-def _warn_once(found: tuple, flags: Any) -> None:
-    """Host side of the in-program check: warn once per set of frozen leaves (``flags`` may carry a
-    ``vmap`` batch dimension in front)."""
+def _concrete(leaf: Any) -> np.ndarray | None:
+    """The value of ``leaf`` on the host, if it has one: a concrete array, or one batched by an eager
+    ``vmap`` (its tracer holds the array); ``None`` for an abstract tracer (``jit``, ``pmap``)."""
+    while isinstance(leaf, jax.core.Tracer) and type(leaf).__name__ == "BatchTracer":
+        leaf = getattr(leaf, "val", None)
+    if leaf is None or isinstance(leaf, jax.core.Tracer):
+        return None
+    return np.asarray(leaf)   # numpy: a jnp comparison of a leaf captured under jit would be traced
+
+
+def _warn_once(found: tuple, flags: Any) -> np.ndarray:
+    """Host side of the in-program check: warn once per set of frozen leaves. Returns the int32 zero
+    that the compiled step adds to the feedback."""
     flags = np.asarray(flags).reshape(-1, len(found))
     frozen = [f for f, on in zip(found, flags.any(axis=0)) if on]
-    if not frozen:
-        return
-    text = message(frozen)
-    if text in _warned:
-        return
-    _warned.add(text)
-    warnings.warn(text + " (found inside a compiled step)", FrozenParameterWarning, stacklevel=2)
+    text = message(frozen) if frozen else None
+    if text is not None and text not in _warned:
+        _warned.add(text)
+        warnings.warn(text + " (found inside a compiled step)", FrozenParameterWarning, stacklevel=2)
+    return np.zeros((), np.int32)
 
 
 def find_frozen(params: Any) -> list[tuple[str, str]]:

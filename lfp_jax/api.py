@@ -67,9 +67,10 @@ def lfp_vjp(
         in eval mode (``batch_stats``), a padding or attention mask, a dropout mask, an nnx state.
         Default: every argument not in ``argnums`` is an input.
       has_aux: ``fun`` returns ``(outputs, aux)``; only ``outputs`` receive reward.
-      allow_frozen: do not warn (:class:`~lfp_jax.errors.FrozenParameterWarning`) about parameter
-        arrays that are entirely zero and so can never move (checked only when the parameters are
-        concrete, i.e. outside ``jit``; :func:`check_params` raises instead).
+      allow_frozen: do not look for parameter arrays that are entirely zero and so can never move
+        (:class:`~lfp_jax.errors.FrozenParameterWarning`): on the host when the parameters are concrete,
+        inside the compiled step under ``jit``/``pmap``/``vmap``, where the check costs a few per cent
+        of a CPU step (``benchmarks/frozen_check.py``); :func:`check_params` raises instead.
 
     Returns:
       ``(outputs, feedback_fn)`` or ``(outputs, feedback_fn, aux)``. ``feedback_fn(reward)``, with
@@ -88,8 +89,7 @@ def lfp_vjp(
 def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_frozen, positions):
     composite = lfp_epsilon() if composite is None else check_composite(composite)
     t = Traced(fun, primals, composite, argnums, has_aux, input_argnums, positions)
-    if not allow_frozen:
-        _frozen.report(t)
+    receipt = None if allow_frozen else _frozen.report(t)
     outs, vjp_fn, _ = t.vjp()
     result = jtu.tree_unflatten(t.full_out_tree, outs)
     outputs, aux = result if has_aux else (result, None)
@@ -99,7 +99,12 @@ def _lfp_vjp(fun, primals, composite, argnums, input_argnums, has_aux, allow_fro
     def feedback_fn(reward: Any) -> tuple:
         seeds, _ = t.seeds(outs, _arguments.check_reward(reward, outputs, t.out_tree))
         cts, carrier_cts, _ = vjp_fn(seeds)
-        per_arg = t.unflatten(t.results(cts, carrier_cts))
+        results = t.results(cts, carrier_cts)
+        if receipt is not None:   # the in-program zero-parameter check's int32 zero (see _frozen.report),
+            # added to the smallest parameter leaf's feedback: a pass over a handful of numbers
+            k = min((k for k in range(len(results)) if t.is_param[k]), key=lambda k: t.leaves[k].size)
+            results[k] = results[k] + receipt.astype(results[k].dtype)
+        per_arg = t.unflatten(results)
         return tuple(None if c else a for a, c in zip(per_arg, constant))
 
     if has_aux:
