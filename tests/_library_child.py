@@ -48,7 +48,8 @@ def main(name: str) -> dict:
             trained, state, loss = step(trained, state)
             losses.append(float(loss))
         jax.effects_barrier()
-    frozen = [str(w.message) for w in caught if issubclass(w.category, lfp_jax.errors.FrozenParameterWarning)]
+    frozen = [str(w.message) for w in caught
+              if issubclass(w.category, lfp_jax.errors.FrozenParameterWarning)]
     moved = {}
     for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(trained)):
         key = jax.tree_util.keystr(path)
@@ -67,7 +68,8 @@ def main(name: str) -> dict:
         "sites": len(found), "kinds": sorted({s.kind for s in found}),
         "embedding_paths": [s.path for s in found if s.kind == "embedding"],
         "embedding_sources": [s.source_line for s in found if s.kind == "embedding"],
-        "tied": "a tied head" in table, "losses": losses, "frozen_warnings": frozen, "zero_leaves_moved": moved,
+        "tied": "a tied head" in table, "losses": losses, "frozen_warnings": frozen,
+        "zero_leaves_moved": moved,
         "per_token_shape": list(per_token.shape), "per_token": np.asarray(per_token).tolist(),
         "recorded_sum": float(sum(np.sum(v) for v in recorded.values())),
         "per_token_sum": float(np.sum(per_token)), "loop_error": float(np.max(np.abs(looped - per_token))),
