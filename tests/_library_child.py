@@ -51,7 +51,8 @@ def main(name: str) -> dict:
     frozen = [str(w.message) for w in caught
               if issubclass(w.category, lfp_jax.errors.FrozenParameterWarning)]
     moved = {}
-    for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(trained)):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, before), after in zip(flat, jax.tree.leaves(trained)):
         key = jax.tree_util.keystr(path)
         if not np.any(np.asarray(before) != 0):   # leaves that started at zero: did LFP move them?
             moved[key] = bool(np.any(np.asarray(after) != 0))
