@@ -10,6 +10,10 @@ documentation site) on the line before a fence:
     (``...`` matches anything, whitespace is normalised).
 ``<!-- test: skip: REASON -->``
     before a Python block that is not run; the reason is required and should say what runs it instead.
+``<!-- test: requires: MODULE, ... -->``
+    before a Python block that needs packages outside the test extra (``transformers`` from the
+    ``models`` extra): it runs where they are installed and is skipped where they are not, unless
+    ``LFP_DOCS_REQUIRE=1`` is set (the slow suite, which installs them), where a missing one fails.
 
 Shell blocks (```` ```bash ````) are not run (they start training runs); what they name is checked to
 exist: ``python -m MODULE`` must be importable, ``bash scripts/*.sh`` and ``--config FILE`` must exist.
@@ -35,7 +39,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MARKER = re.compile(r"^<!--\s*test:\s*(?P<kind>output|skip)\s*(?::\s*(?P<reason>.*?))?\s*-->\s*$")
+MARKER = re.compile(r"^<!--\s*test:\s*(?P<kind>output|skip|requires)\s*(?::\s*(?P<reason>.*?))?\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 
 
@@ -89,8 +93,9 @@ def blocks(path: Path) -> list[Block]:
         block = Block(Path(path), i + 1, lang, "\n".join(body) + "\n")
         if marker is not None:
             block.marker, block.reason = marker[0], marker[1]
-            if block.marker == "skip" and not block.reason:
-                raise ValueError(f"{block.where}: 'test: skip' needs a reason: <!-- test: skip: why -->")
+            if block.marker in ("skip", "requires") and not block.reason:
+                raise ValueError(f"{block.where}: 'test: {block.marker}' needs its text: "
+                                 f"<!-- test: skip: why --> or <!-- test: requires: module -->")
             marker = None
         out.append(block)
         i = j + 1
@@ -157,6 +162,15 @@ def run_page(path: Path) -> list[str]:
         if block.marker == "skip":
             print(f"{block.where}: skipped ({block.reason})", file=sys.stderr)
             continue
+        if block.marker == "requires":
+            wanted = [m.strip() for m in block.reason.split(",")]
+            missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+            if missing and os.environ.get("LFP_DOCS_REQUIRE") == "1":
+                problems.append(f"{block.where}: needs {', '.join(missing)}, which is not installed")
+                continue
+            if missing:
+                print(f"{block.where}: skipped (needs {', '.join(missing)})", file=sys.stderr)
+                continue
         # padded so that line numbers in tracebacks are the page's
         code = compile("\n" * block.line + block.code, str(block.path), "exec")
         buffer = io.StringIO()

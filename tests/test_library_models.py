@@ -75,3 +75,19 @@ def test_gpt2_zero_biases_are_reported_from_the_compiled_step_with_advice_true_f
     assert "['attn']['c_attn']['bias']" in message and "keep_kernels=True draws only the biases" in message
     assert "['ln_f']['bias']" in message and "offsets start at 0" in message
     assert "found inside a compiled step" in message
+
+
+@pytest.mark.slow
+def test_the_pages_that_train_library_models_run_as_written():
+    """The README's and the transformers page's blocks marked ``requires: transformers`` (skipped where
+    the models extra is missing) run here with every one of them required."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (pip install -e '.[models]')")
+    from _doc_runner import ROOT, subprocess_env
+
+    pages = [ROOT / "README.md", ROOT / "docs" / "transformers.md"]
+    done = subprocess.run([sys.executable, str(HERE / "_doc_runner.py"), *map(str, pages)],
+                          capture_output=True, text=True, env=subprocess_env(LFP_DOCS_REQUIRE="1"),
+                          timeout=900, cwd=ROOT)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert "skipped (needs" not in done.stderr
