@@ -143,8 +143,8 @@ def parameter_paths(found: list) -> list[str]:
     lines = []
     reparam = [(n, s) for n, s in enumerate(found) if s.reparameterized]
     if reparam:
-        lines.append("parameters reaching their site through a computation (feedback by the chain rule, "
-                     "F_θ = |θ| ⊙ (∂W/∂θ)ᵀ c_W):")
+        lines.append("parameters reaching their site through a computation (the effective weight W's "
+                     "feedback by the chain rule, F_θ = (∂W/∂θ)ᵀ (|W| ⊙ c_W)):")
         for n, site in reparam:
             for name, prims in site.reparameterized:
                 lines.append(f"  site {n} ({site.label}): {name} via {'+'.join(prims)}")

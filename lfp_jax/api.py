@@ -12,15 +12,17 @@ strengthens a parameter, so ``θ ← θ + η·F`` (``lfp_grad`` returns ``-F`` f
 networks with the softmax-loss reward and ε → 0 the feedback equals ``-|θ| ⊙ ∇_θ Σ_batch CE``
 (Theorem 1 of the paper).
 
-A parameter used through a computation of parameters only, ``W = h(θ)`` (weight normalisation, a
-``softplus``/``exp`` reparameterisation, a tied ``Wᵀ``), receives its feedback by the chain rule from
-``θ`` to its uses:
+A parameter used through a computation of parameters only, ``W = h(θ)`` (an offset ``1 + scale``,
+weight normalisation, a ``softplus``/``exp`` reparameterisation, a tied ``Wᵀ``), receives the feedback of
+its *effective weight* ``W``, the value that meets the computation on the inputs, pulled back by the
+chain rule:
 
-.. math::  F_\theta = |\theta| \odot \sum_{\text{uses}} (\partial h / \partial \theta)^\top c_W,
+.. math::  F_\theta = \sum_{\text{uses}} (\partial h / \partial \theta)^\top \big(|W| \odot c_W\big),
 
-with ``c_W = J_Wᵀ s`` the normalised reward at the use; ``F_θ = |θ| ⊙ J_θᵀ s`` then holds with the
-Jacobian of the whole map from ``θ`` to the layer output, and Theorem 1 carries over to reparameterised
-ReLU networks. :func:`describe` lists such parameters.
+with ``c_W = J_Wᵀ s`` the normalised reward at the use. For a parameter used as it is, moved or cast
+this is ``|θ| ⊙ J_θᵀ s``; a zero ``scale`` used as ``1 + scale`` moves (``|W| = 1``). Theorem 1 becomes
+``F_θ = −J_hᵀ (|W| ⊙ ∇_W Σ_batch CE)``. :func:`describe` lists such parameters (see
+``lfp_jax._params``).
 """
 
 from __future__ import annotations
