@@ -11,11 +11,8 @@ state flows into and out of ``scan``/``cond``/``remat`` bodies, whose sub-graphs
 
 from __future__ import annotations
 
-from typing import Any
-
 from lfp_jax import _compat
-from lfp_jax._dataflow import output_taint
-from lfp_jax._graph import Graph, is_float
+from lfp_jax._graph import is_float
 from lfp_jax._primitives import category
 from lfp_jax.errors import UnsupportedControlFlowError
 from lfp_jax.rules import ABSOLUTE, SpikingEpsilon
@@ -186,8 +183,9 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, context) -> None:
 
     def _subplan(graph, taint, in_eps, wrap_out, skip=0, in_first=None, in_relevance=None):
         roles = sub_roles.get("branches" if skip else "jaxpr")
-        return _analyse_sub(graph, taint, context, in_eps, wrap_out, src[skip:], origin[skip:],
-                            classes[skip:], in_first, in_relevance, roles)
+        return flow.subplan(graph, taint, in_eps=in_eps, wrap_out=wrap_out, in_src=src[skip:],
+                            in_origin=origin[skip:], in_class=classes[skip:], in_first=in_first,
+                            in_relevance=in_relevance, in_roles=roles)
 
     if node.name in _compat.WHILE:
         raise UnsupportedControlFlowError(
@@ -239,13 +237,3 @@ def _control_flow(flow, plan, i: int, pending, wrap, eps, context) -> None:
 
 _BLOCK_KINDS = ("linear", "sum", "pool", "normalization", "softmax", "bilinear", "quotient",
                 "nonlinear")
-
-
-def _analyse_sub(graph: Graph, taint: list[bool], context: Any, in_eps: list, wrap_out: list,
-                 in_src: list, in_origin: list, in_class: list, in_first=None, in_relevance=None,
-                 in_roles=None) -> Any:
-    from lfp_jax.sites import analyse  # sites imports this module
-
-    return analyse(graph, taint, output_taint(graph, taint, in_roles), context, in_eps=in_eps,
-                   wrap_out=wrap_out, in_src=in_src, in_origin=in_origin, in_class=in_class,
-                   nested=True, in_first=in_first, in_relevance=in_relevance, in_roles=in_roles)

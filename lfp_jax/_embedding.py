@@ -157,6 +157,57 @@ def _is_ids(graph: Graph, producer: dict, atom: int) -> bool:
     return False
 
 
+# -- sites and the way back to the ids ---------------------------------------------------------------
+
+
+def embedding_site(flow, i: int):
+    """An embedding lookup (see :mod:`lfp_jax._embedding`): its table and its id operands."""
+    node = flow.g.nodes[i]
+    label, positions = flow.embeddings[i]
+    site = flow._make_site("embedding", label, [i], None, None)
+    ids = [node.inputs[p] for p in positions]
+    site.ids_operands = tuple(k for k, a in enumerate(site.operands)
+                              if any(a is b or (isinstance(a, int) and a == b) for b in ids))
+    site.carries_reward = (False,) * len(site.operands)
+    if node.name == "gather":
+        site.index_weights = index_weights(flow.g, flow.producer, node)
+    return site
+
+def trace_ids(flow, plan) -> None:
+    """The way of the per-token relevance from every embedding site back to the id inputs: the
+    nodes that the ids' carriers follow (``Plan.id_nodes``) and the id inputs they start from
+    (``Plan.id_inputs``); ``Plan.body_ids``: id inputs looked up inside a ``scan``/``cond``/``remat``
+    body, which carriers do not reach."""
+    g = flow.g
+    inputs = {v: k for k, v in enumerate(g.inputs)}
+    starts = [site.operands[k] for site in plan.sites if site.kind == "embedding"
+              for k in site.ids_operands]
+    for i in flow.sub_in:  # control flow whose body looks token ids up
+        subs = flow.sub_roles.get(i, {})
+        if any(r == IDS for rs in subs.values() for r in (rs or ())):
+            body_ids = [a for a in g.nodes[i].inputs if isinstance(a, int)
+                        and flow.roles.get(a) == IDS]
+            plan.body_ids |= {inputs[v] for v in _id_sources(flow, body_ids, set()) if v in inputs}
+    plan.id_inputs = {inputs[v] for v in _id_sources(flow, starts, plan.id_nodes) if v in inputs}
+
+def _id_sources(flow, values: list, nodes: set) -> set:
+    """The graph inputs that ``values`` (id values) are computed from; ``nodes`` gathers the id
+    nodes on the way."""
+    found, stack, seen = set(), [a for a in values if isinstance(a, int)], set()
+    while stack:
+        v = stack.pop()
+        if v in seen or flow.roles.get(v) != IDS:
+            continue
+        seen.add(v)
+        p = flow.producer.get(v)
+        if p is None:
+            found.add(v)
+            continue
+        nodes.add(p)
+        stack.extend(a for a in flow.g.nodes[p].inputs if isinstance(a, int))
+    return found
+
+
 # -- carriers: the per-token relevance's way back to the ids ---------------------------------------
 
 
@@ -209,4 +260,5 @@ def carry(node: Node, ins: list[Any], carriers: list[Any], out_avals: list[Any],
     return list(out) if node.prim.multiple_results else [out]
 
 
-__all__ = ["IDS", "PARAM", "CONST", "is_integer", "role", "lookup", "index_weights", "spread", "carry"]
+__all__ = ["IDS", "PARAM", "CONST", "is_integer", "role", "lookup", "index_weights", "embedding_site",
+           "trace_ids", "spread", "carry"]

@@ -37,11 +37,10 @@ control-flow sub-plans); this module builds the sites and the :class:`Plan`.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from lfp_jax import _compat, _embedding, _params
+from lfp_jax import _compat, _embedding, _names, _params
 from lfp_jax._blocks import normalize_spikes_in_rules, place_stabilizers
 from lfp_jax._dataflow import DataFlow, output_taint, param_origins
 from lfp_jax._graph import Graph, Lit, is_float
@@ -222,6 +221,11 @@ class _Analysis(DataFlow):
         self.in_eps, self.wrap_out = in_eps, wrap_out
         self.origin = param_origins(graph, in_origin, self.tainted, self.roles)
 
+    def subplan(self, graph: Graph, taint: list[bool], **kwargs: Any) -> Plan:
+        """The analysis of a control-flow body (``_blocks`` asks for it: no import of this module there)."""
+        return analyse(graph, taint, output_taint(graph, taint, kwargs.get("in_roles")), self.context,
+                       nested=True, **kwargs)
+
     def run(self) -> Plan:
         # control flow reading only token ids still holds sites when a lookup inside is an embedding
         cats = {i: category(self, i) for i in self.rel_nodes if self._tin(i) or i in self.sub_in}
@@ -275,7 +279,7 @@ class _Analysis(DataFlow):
                 site_of_node[r] = site
         for i in sorted(self.embeddings):
             if i in self.rel_nodes:
-                site = self._embedding_site(i)
+                site = _embedding.embedding_site(self, i)
                 sites.append(site)
                 site_of_node[i] = site
         for site in sites:
@@ -290,9 +294,9 @@ class _Analysis(DataFlow):
                              "jnp.where(mask, x, 0), a constant selector (or count with integers).")
         plan = Plan(g, self.tainted, sites, site_of_node, {}, set(), set(), {}, {})
         plan.schedule = self._schedule(site_of_node)
-        self._trace_ids(plan)
+        _embedding.trace_ids(self, plan)
         self._site_of_node = site_of_node
-        self._attach_parameters(plan, cats)
+        _names.attach_parameters(self, plan, cats)
         if not self.nested or self.in_first is not None:
             self._mark_first_layers(sites, cats)
         for site in sites:
@@ -306,55 +310,6 @@ class _Analysis(DataFlow):
         self._hand_relevance(plan, cats)
         normalize_spikes_in_rules(self, plan)
         return plan
-
-    # -- token ids --------------------------------------------------------------------------------
-
-    def _embedding_site(self, i: int) -> Site:
-        """An embedding lookup (see :mod:`lfp_jax._embedding`): its table and its id operands."""
-        node = self.g.nodes[i]
-        label, positions = self.embeddings[i]
-        site = self._make_site("embedding", label, [i], None, None)
-        ids = [node.inputs[p] for p in positions]
-        site.ids_operands = tuple(k for k, a in enumerate(site.operands)
-                                  if any(a is b or (isinstance(a, int) and a == b) for b in ids))
-        site.carries_reward = (False,) * len(site.operands)
-        if node.name == "gather":
-            site.index_weights = _embedding.index_weights(self.g, self.producer, node)
-        return site
-
-    def _trace_ids(self, plan: Plan) -> None:
-        """The way of the per-token relevance from every embedding site back to the id inputs: the
-        nodes that the ids' carriers follow (``Plan.id_nodes``) and the id inputs they start from
-        (``Plan.id_inputs``); ``Plan.body_ids``: id inputs looked up inside a ``scan``/``cond``/``remat``
-        body, which carriers do not reach."""
-        g = self.g
-        inputs = {v: k for k, v in enumerate(g.inputs)}
-        starts = [site.operands[k] for site in plan.sites if site.kind == "embedding"
-                  for k in site.ids_operands]
-        for i in self.sub_in:  # control flow whose body looks token ids up
-            subs = self.sub_roles.get(i, {})
-            if any(r == _embedding.IDS for rs in subs.values() for r in (rs or ())):
-                body_ids = [a for a in g.nodes[i].inputs if isinstance(a, int)
-                            and self.roles.get(a) == _embedding.IDS]
-                plan.body_ids |= {inputs[v] for v in self._id_sources(body_ids, set()) if v in inputs}
-        plan.id_inputs = {inputs[v] for v in self._id_sources(starts, plan.id_nodes) if v in inputs}
-
-    def _id_sources(self, values: list, nodes: set) -> set:
-        """The graph inputs that ``values`` (id values) are computed from; ``nodes`` gathers the id
-        nodes on the way."""
-        found, stack, seen = set(), [a for a in values if isinstance(a, int)], set()
-        while stack:
-            v = stack.pop()
-            if v in seen or self.roles.get(v) != _embedding.IDS:
-                continue
-            seen.add(v)
-            p = self.producer.get(v)
-            if p is None:
-                found.add(v)
-                continue
-            nodes.add(p)
-            stack.extend(a for a in self.g.nodes[p].inputs if isinstance(a, int))
-        return found
 
     # -- classic LRP layers -----------------------------------------------------------------------
 
@@ -546,75 +501,6 @@ class _Analysis(DataFlow):
         return sum(1 for r in site.nodes for p in self.edges.get(r, ())
                    if self.g.nodes[r].inputs[p] not in inside) or 2
 
-    # -- parameters and module paths --------------------------------------------------------------
-
-    def _attach_parameters(self, plan: Plan, cats: dict) -> None:
-        """Give every site the parameters it uses (its own operands, and the biases and scales applied
-        in its block: ``x @ W`` then ``+ b``) and its module path (see :attr:`Site.path`)."""
-        g, paths = self.g, self.context.leaf_paths
-        self._own: dict[int, list[str]] = {}
-        owner: dict[int, Site] = {}
-        used: dict[int, dict] = {}  # id(site) -> {leaf: primitives}
-
-        def take(site, atoms):
-            entry = used.setdefault(id(site), {})
-            for a in atoms:
-                found = self.origin.get(a) if isinstance(a, int) else None
-                if found is not None:
-                    for leaf in found[0]:
-                        entry[leaf] = entry.get(leaf, frozenset()) | found[1]
-
-        for step in plan.schedule:
-            if isinstance(step, Site):
-                take(step, step.operands)
-                if step.kind not in ("activation", "dropout"):
-                    owner[step.output] = step
-                continue
-            if cats.get(step) not in ("affine", "structural", "routing"):
-                continue
-            tin = self._tin(step)
-            if len(tin) == 1 and tin[0] in owner:
-                site = owner[tin[0]]
-                take(site, [a for a in g.nodes[step].inputs if not (isinstance(a, int) and a in tin)])
-                for o in g.nodes[step].outputs:
-                    if o is not None:
-                        owner[o] = site
-        for site in plan.sites:
-            own = {leaf for a in site.operands if isinstance(a, int) and a in self.origin
-                   for leaf in self.origin[a][0]}
-            self._own[id(site)] = [paths[leaf] for leaf in sorted(own) if leaf < len(paths)]
-            entry = used.get(id(site), {})
-            named = sorted((paths[leaf] if leaf < len(paths) else f"leaf {leaf}", prims)
-                           for leaf, prims in entry.items())
-            site.param_paths = tuple(name for name, _ in named)
-            site.reparameterized = tuple((name, tuple(sorted(p))) for name, p in named if p)
-        for site in plan.schedule:
-            if isinstance(site, Site):
-                site.path = self._module_path(site)
-
-    def _module_path(self, site: Site) -> str:
-        scope = clean_name_stack(site.name_stack)
-        if scope:
-            return scope
-        own = self._own.get(id(site))
-        if own:  # a layer's own weights name it, not the biases and scales applied after it
-            return _parent(own)
-        if site.param_paths:
-            return _parent(site.param_paths)
-        # no parameters: the module holding the layer that feeds the site
-        stack, seen = [a for a in site.operands if self._t(a)], set()
-        while stack:
-            a = stack.pop(0)
-            p = self.producer.get(a)
-            if p is None or p in seen:
-                continue
-            seen.add(p)
-            feeding = self._site_of_node.get(p)
-            if feeding is not None and feeding is not site and feeding.param_paths:
-                return feeding.path.rpartition("/")[0]
-            stack.extend(self._tin(p))
-        return ""
-
     def _schedule(self, site_of_node: dict) -> list:
         """A topological order of nodes in which each site is one step.
 
@@ -745,54 +631,6 @@ class _Analysis(DataFlow):
 
     def _used_outside(self, v: int, nodes: set[int]) -> bool:
         return v in self.graph_outputs or bool(self.uses.get(v, set()) - nodes)
-
-
-_TRANSFORM = re.compile(r"^(vmap|pmap|jvp|transpose|checkpoint|remat|jit|pjit|scan|cond|while)\(.*\)$")
-
-
-_LIFTED = re.compile(r"^\w+\.\w+_fn$")  # linen's lifted transforms: ``LSTMCell_0.scan_fn``
-
-
-_METHOD = re.compile(r"^(\w+)\.\w+$")  # a module called through a method: ``Embed_0.attend``
-
-
-def clean_name_stack(stack: str) -> str:
-    """A name stack without transformation wrappers (``vmap(...)``), equinox's class scopes
-    (``eqx.nn.Linear``), ``jnp.einsum``'s equations (``bi,bj->bij``) and linen's lifted functions
-    (``LSTMCell_0.scan_fn``), with methods reduced to their module (``Embed_0.attend`` →
-    ``Embed_0``; ``Transformer/Transformer._apply_attention/layer_0`` → ``Transformer/layer_0``): what is
-    left is a module path (linen) or a user's ``jax.named_scope``. A stack of positions only
-    (penzai's ``1/0/2``, indices into nested ``Sequential`` layers) names nothing: ``''``."""
-    parts: list[str] = []
-    for p in stack.split("/"):
-        if not p or _TRANSFORM.match(p) or p.startswith("eqx.") or "->" in p or _LIFTED.match(p):
-            continue
-        method = _METHOD.match(p)
-        p = method.group(1) if method else p
-        if not (parts and parts[-1] == p):
-            parts.append(p)
-    if all(p.isdigit() for p in parts):
-        return ""
-    return "/".join(parts)
-
-
-def _parent(paths: Sequence[str]) -> str:
-    """The module holding parameters at ``paths``: their common parent (a top-level leaf: itself)."""
-    split = [p.split("/") for p in paths if not p.startswith("<")]  # "<argument 0>": an array
-    if not split:
-        return ""
-    common = []
-    for parts in zip(*split):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    if len(common) == min(len(p) for p in split):  # one leaf, or a leaf and its own sub-leaves
-        last = common[-1]
-        if "." in last and not last.startswith("."):   # penzai's labels: ``attention/query.weights``
-            common = common[:-1] + [last.partition(".")[0]]
-        else:
-            common = common[:-1] if len(common) > 1 else common
-    return "/".join(common)
 
 
 def iter_sites(plan: Plan, depth: int = 0) -> Iterable[tuple[int, Site]]:

@@ -93,9 +93,11 @@ def blocks(path: Path) -> list[Block]:
         block = Block(Path(path), i + 1, lang, "\n".join(body) + "\n")
         if marker is not None:
             block.marker, block.reason = marker[0], marker[1]
-            if block.marker in ("skip", "requires") and not block.reason:
-                raise ValueError(f"{block.where}: 'test: {block.marker}' needs its text: "
-                                 f"<!-- test: skip: why --> or <!-- test: requires: module -->")
+            if block.marker == "skip" and not block.reason:
+                raise ValueError(f"{block.where}: 'test: skip' needs a reason: <!-- test: skip: why -->")
+            if block.marker == "requires" and not block.reason:
+                raise ValueError(f"{block.where}: 'test: requires' needs the modules: "
+                                 f"<!-- test: requires: transformers -->")
             marker = None
         out.append(block)
         i = j + 1

@@ -198,7 +198,7 @@ def test_sites_inside_flax_rnn_cells_point_at_the_users_line():
     ("RNN_0/LSTMCell_0.scan_fn/LSTMCell_0", "RNN_0/LSTMCell_0"),
 ])
 def test_name_stacks_become_module_paths(stack, path):
-    from lfp_jax.sites import clean_name_stack
+    from lfp_jax._names import clean_name_stack
 
     assert clean_name_stack(stack) == path
 
