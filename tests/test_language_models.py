@@ -71,12 +71,15 @@ def test_a_model_of_token_ids_trains_with_lfp_under_jit_with_no_opt_in(name):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_per_example_feedback_under_vmap_sums_to_the_batch_feedback():
-    fun, params = linen_lm()
-    (ids,), labels = _inputs("linen")
-    g = lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,))
-    batch = jax.jit(g)(params, ids, labels)[1]
-    per_example = jax.jit(jax.vmap(lambda i, y: g(params, i[None], y[None])[1]))(ids, labels)
+@pytest.mark.parametrize("name", ["linen", "nnx", "eqx", "take"])
+def test_per_example_feedback_under_vmap_sums_to_the_batch_feedback(name):
+    fun, params = BUILD[name](relu=name == "take")
+    inputs, labels = _inputs(name)
+    n = len(inputs)
+    g = lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(1 + n,), allow_frozen=True)
+    batch = jax.jit(g)(params, *inputs, labels)[1]
+    one = lambda *a: g(params, *(x[None] for x in a[:n]), a[n][None])[1]   # noqa: E731
+    per_example = jax.jit(jax.vmap(one))(*inputs, labels)
     summed = jax.tree.map(lambda a: a.sum(0), per_example)
     for got, want in zip(jax.tree.leaves(summed), jax.tree.leaves(batch)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
