@@ -154,6 +154,18 @@ def test_concrete_parameters_are_checked_when_the_model_is_traced():
     assert "compiled step" not in str(record[0].message)
 
 
+def test_zero_scales_are_reported_from_a_pmap_step():
+    """pmap over the one CPU device: the parameters (replicated, a leading device axis) are tracers."""
+    params, stats, x, y = _resnet()
+    lfp = lfp_jax.lfp_value_and_feedback(_train, rewards.softmax_loss, has_aux=True, reward_argnums=(3,))
+    one = lambda tree: jax.tree.map(lambda a: a[None], tree)   # noqa: E731
+    _frozen._warned.clear()
+    with pytest.warns(errors.FrozenParameterWarning, match=r"(?s)BatchNorm_1'\]\['scale'\].*compiled step"):
+        _, fb = jax.pmap(lfp)(one(params), one(x), one(stats), one(y))
+        jax.effects_barrier()
+    assert not np.any(fb["ResidualBlock_0"]["BatchNorm_1"]["scale"] != 0)
+
+
 @pytest.mark.parametrize("mode", [EAGER, "jit"])
 def test_resnet_train_mode_with_batch_stats_argument_satisfies_theorem_1(mode):
     params, stats, x, y = _resnet()
