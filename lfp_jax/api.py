@@ -59,9 +59,10 @@ def lfp_vjp(
       fun: any JAX callable, e.g. a linen ``model.apply``, an nnx model call, an equinox model, or
         plain jnp code.
       *primals: its arguments. Floating-point leaves of input arguments (see ``input_argnums``) are
-        the inputs reward flows back to; integer leaves (labels, PRNG keys) are constants. Leaves that
-        are not arrays (Python numbers, an equinox module's activation function) are static parts
-        of ``fun`` and get ``None``.
+        the inputs reward flows back to. Integer leaves are token ids where ``fun`` looks a parameter
+        table up by them (reward enters at the lookup: an embedding site), else constants (labels,
+        masks, PRNG keys). Leaves that are not arrays (Python numbers, an equinox module's activation
+        function) are static parts of ``fun`` and get ``None``.
       composite: which rule at which site; see :mod:`lfp_jax.composites`.
       argnums: position(s) of the argument(s) holding the parameters.
       input_argnums: position(s) of the argument(s) holding the model inputs, which carry reward.
@@ -77,10 +78,13 @@ def lfp_vjp(
     Returns:
       ``(outputs, feedback_fn)`` or ``(outputs, feedback_fn, aux)``. ``feedback_fn(reward)``, with
       ``reward`` shaped like ``outputs``, returns one entry per primal: for parameter arguments the
-      feedback ``|θ| ⊙ J_θᵀ s`` (same pytree, summed over the batch); for input arguments the input
+      feedback ``|θ| ⊙ J_θᵀ s`` (same pytree, summed over the batch; through a computation
+      ``W = h(θ)``, the effective weight's ``(∂W/∂θ)ᵀ (|W| ⊙ c_W)``); for input arguments the input
       relevance ``x ⊙ c_x``, or ``R`` itself where the input's layer hands it whole (classic rules:
-      flat, w², z^B keep relevance at inputs that are 0), ``None`` for integer and static leaves;
-      ``None`` for constant arguments.
+      flat, w², z^B keep relevance at inputs that are 0); for token ids the relevance of each token,
+      ``Σ_d e ⊙ c_e`` at its lookup's output (a float array shaped like the ids); ``None`` for other
+      integer leaves, for ids looked up only inside ``scan``/``cond``/``remat`` bodies, and for static
+      leaves; ``None`` for constant arguments.
 
     Raises:
       NoRuleError: sites that no rule of ``composite`` covers, all of them in one table.
