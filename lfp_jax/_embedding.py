@@ -247,6 +247,8 @@ def carry(node: Node, ins: list[Any], carriers: list[Any], out_avals: list[Any],
         found = [jnp.broadcast_to(c, out_shape) for c in carriers if c is not None]
         return [sum(found[1:], found[0])]
     data = _DATA.get(name, tuple(range(len(ins))))
+    if name == "pad":
+        data = (0, 1)   # the padding value is data of the carrier's dtype (0: a pad token carries nothing)
     if name in _INDEX and all(carriers[p] is None for p in data):
         index = _INDEX[name] or tuple(range(1, len(ins)))
         found = [carriers[p] for p in index if carriers[p] is not None]

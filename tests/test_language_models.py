@@ -137,6 +137,27 @@ def test_per_token_relevance_is_the_lookup_outputs_relevance_summed_over_feature
     np.testing.assert_allclose(per_token, expected, rtol=1e-10, atol=1e-13)
 
 
+def test_ids_shifted_right_by_a_pad_give_each_token_the_relevance_of_the_position_it_moved_to():
+    """Flax's lm1b shifts the ids right with jnp.pad before the lookup: token t is looked up at position
+    t + 1, the pad token at position 0 carries nothing, and the last token is shifted out (0)."""
+    _, params = take_lm(relu=False)
+
+    def fun(p, ids):
+        shifted = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]
+        h = jax.nn.gelu(jnp.take(p["table"], shifted, axis=0) @ p["w"][:D] + p["b"])
+        return h @ p["table"].T
+
+    def fed(p, e):
+        return jax.nn.gelu(e @ p["w"][:D] + p["b"]) @ p["table"].T
+
+    (ids,), labels = _inputs("take")
+    _, per_token = jax.jit(lfp_jax.lrp(fun, argnums=1))(params, ids, target=labels)
+    e = params["table"][jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]]
+    _, r_e = jax.jit(lfp_jax.lrp(fed, argnums=1))(params, e, target=labels)
+    np.testing.assert_allclose(per_token[:, :-1], r_e.sum(-1)[:, 1:], rtol=1e-10, atol=1e-13)
+    assert np.all(per_token[:, -1] == 0)
+
+
 def test_token_relevance_and_table_feedback_in_jacobian_matrix_form():
     """z = mean_t(E[ids]) W: with s = R_z / z (ε → 0), R_e = e ⊙ J_eᵀ s per token summed over the
     features, and F_E = |E| ⊙ J_Eᵀ s (the rows looked up, summed), J from jax.jacobian."""
