@@ -80,7 +80,7 @@ def _library_dirs() -> tuple[str, ...]:
         except ImportError:  # pragma: no cover - optional
             continue
         dirs.append(os.path.dirname(os.path.abspath(module.__file__)))
-    return tuple(dirs)
+    return tuple(d + os.sep for d in dirs)   # a directory, not a prefix (numpyro is no numpy)
 
 
 def user_line(source_info: Any) -> str | None:

@@ -387,8 +387,7 @@ def param_origins(graph: Graph, in_origin: list, tainted: set, roles: dict | Non
             continue
         leaves = frozenset().union(*(f[0] for f in found))
         prims = frozenset().union(*(f[1] for f in found))
-        weight = any(roles.get(o) == _embedding.PARAM for o in node.outputs if o is not None) \
-            if roles is not None else len(found) > 1
+        weight = any((roles or {}).get(o) == _embedding.PARAM for o in node.outputs if o is not None)
         if node.name not in MOVES and not node.subgraphs and weight:
             prims = prims | {node.name}  # a computation of the effective weight
         for o in node.outputs:

@@ -53,6 +53,7 @@ _ID_MOVES = MOVES - {"argmax", "argmin", "iota", "sort", "top_k"}
 _DATA = {"dynamic_slice": (0,), "gather": (0,), "pad": (0,), "dynamic_update_slice": (0, 1),
          "scatter": (0, 2)}
 _INDEX = {"dynamic_slice": None, "gather": (1,)}  # None: every position after the data
+_CONTRACTIONS = {"dot_general", "conv_general_dilated"}
 
 
 def is_integer(aval: Any) -> bool:
@@ -92,6 +93,8 @@ def role(node: Node, roles: dict, tainted: set) -> str | None:
             if node.name in _INDEX and all(found[p] in (IDS, CONST) for p in data):
                 return IDS  # a constant table looked up by ids (jnp.eye(V)[ids]): one row per token
         return None
+    if node.name in _CONTRACTIONS and found.count(PARAM) >= 2:
+        return None   # a layer applied to a learned tensor (h0 @ W, a probe's query): each is a weight
     if all(r in (PARAM, CONST) for r in found):
         return PARAM if PARAM in found else CONST
     return None
@@ -118,11 +121,11 @@ def lookup(graph: Graph, node: Node, roles: dict) -> tuple[str, tuple[int, ...]]
     return None
 
 
-def index_weights(graph: Graph, producer: dict, node: Node) -> tuple[float, ...]:
+def index_weights(graph: Graph, producer: dict, node: Node, roles: dict) -> tuple[float, ...]:
     """For a ``gather``: the share of a lookup's relevance that goes to each component of its index
-    vector (the last axis of the indices). Components that are constants (the ``0`` of the column that
-    ``eqx.nn.Embedding`` under ``vmap`` concatenates to the row index) get none; the id components share
-    it equally."""
+    vector (the last axis of the indices). Components that are no id values (the ``0`` column that
+    ``eqx.nn.Embedding`` under ``vmap`` concatenates to the row index, a segment index passed as a
+    constant) get none; the id components share it equally."""
     indices = node.inputs[1]
     k = graph.aval(indices).shape[-1]
     if k == 1:
@@ -132,29 +135,11 @@ def index_weights(graph: Graph, producer: dict, node: Node) -> tuple[float, ...]
             and graph.nodes[p].params["dimension"] == len(graph.aval(indices).shape) - 1:
         marks = []
         for a in graph.nodes[p].inputs:
-            width = graph.aval(a).shape[-1]
-            marks += [isinstance(a, int) and _is_ids(graph, producer, a)] * width
+            marks += [atom_role(roles, a) == IDS] * graph.aval(a).shape[-1]
         n = sum(marks)
         if n:
             return tuple(float(m) / n for m in marks)
     return (1.0 / k,) * k
-
-
-def _is_ids(graph: Graph, producer: dict, atom: int) -> bool:
-    """Whether ``atom`` is computed from a graph input by integer operations (not from constants)."""
-    stack, seen = [atom], set()
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        p = producer.get(v)
-        if p is None:
-            if v in graph.inputs:
-                return True
-            continue
-        stack.extend(a for a in graph.nodes[p].inputs if isinstance(a, int))
-    return False
 
 
 # -- sites and the way back to the ids ---------------------------------------------------------------
@@ -170,25 +155,37 @@ def embedding_site(flow, i: int):
                               if any(a is b or (isinstance(a, int) and a == b) for b in ids))
     site.carries_reward = (False,) * len(site.operands)
     if node.name == "gather":
-        site.index_weights = index_weights(flow.g, flow.producer, node)
+        site.index_weights = index_weights(flow.g, flow.producer, node, flow.roles)
     return site
+
 
 def trace_ids(flow, plan) -> None:
     """The way of the per-token relevance from every embedding site back to the id inputs: the
-    nodes that the ids' carriers follow (``Plan.id_nodes``) and the id inputs they start from
+    nodes that the ids' carriers follow (``Plan.id_nodes``, with the index-vector weights of the
+    gathers among them that look a constant table up by ids) and the id inputs they start from
     (``Plan.id_inputs``); ``Plan.body_ids``: id inputs looked up inside a ``scan``/``cond``/``remat``
-    body, which carriers do not reach."""
+    body (an embedding site there, at any depth), which carriers do not reach. Runs after the bodies
+    are analysed."""
     g = flow.g
     inputs = {v: k for k, v in enumerate(g.inputs)}
     starts = [site.operands[k] for site in plan.sites if site.kind == "embedding"
               for k in site.ids_operands]
-    for i in flow.sub_in:  # control flow whose body looks token ids up
-        subs = flow.sub_roles.get(i, {})
-        if any(r == IDS for rs in subs.values() for r in (rs or ())):
-            body_ids = [a for a in g.nodes[i].inputs if isinstance(a, int)
-                        and flow.roles.get(a) == IDS]
-            plan.body_ids |= {inputs[v] for v in _id_sources(flow, body_ids, set()) if v in inputs}
+    for i, subs in plan.subplans.items():  # control flow whose body looks token ids up
+        node = g.nodes[i]
+        shift = 1 if any(isinstance(v, tuple) for v in subs.values()) else 0   # cond: the predicate
+        looked_up = set()
+        for body in subs.values():
+            for b in body if isinstance(body, tuple) else (body,):
+                looked_up |= {k + shift for k in b.id_inputs | b.body_ids}
+        body_ids = [node.inputs[p] for p in sorted(looked_up)
+                    if p < len(node.inputs) and isinstance(node.inputs[p], int)]
+        plan.body_ids |= {inputs[v] for v in _id_sources(flow, body_ids, set()) if v in inputs}
     plan.id_inputs = {inputs[v] for v in _id_sources(flow, starts, plan.id_nodes) if v in inputs}
+    for r in plan.id_nodes:
+        node = g.nodes[r]
+        if node.name == "gather" and atom_role(flow.roles, node.inputs[0]) != IDS:
+            plan.gather_weights[r] = index_weights(g, flow.producer, node, flow.roles)
+
 
 def _id_sources(flow, values: list, nodes: set) -> set:
     """The graph inputs that ``values`` (id values) are computed from; ``nodes`` gathers the id

@@ -9,7 +9,8 @@ of every residual block. A zero parameter used through a shift (Gemma's RMSNorm 
 The check runs where people train. With concrete parameters it runs on the host when the model is
 traced; under ``jax.jit``, ``pmap`` and ``vmap`` the parameters are tracers, and the compiled step
 reads one element of each candidate leaf; only when one is 0 does it test the whole leaf and call back
-to the host, which warns once per set of leaves. The call-back is a ``jax.pure_callback`` (an effect
+to the host, which warns once per set of leaves (under a ``vmap`` of batched parameters the branch
+becomes a select, and the call-back runs at every step). The call-back is a ``jax.pure_callback`` (an effect
 would also cost every call of the step JAX's fast dispatch path); its int32 zero is added to the
 feedback so that the check stays in the program.
 

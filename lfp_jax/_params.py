@@ -32,7 +32,7 @@ from lfp_jax._primitives import MOVES
 # elementwise f with f(0) = 0 at every position: a zero parameter stays a zero weight through them
 _ZERO_KEEPING = MOVES | {
     "neg", "mul", "dot_general", "conv_general_dilated", "reduce_sum", "cumsum", "sin", "tan", "tanh",
-    "sinh", "asin", "asinh", "atan", "atanh", "erf", "expm1", "log1p", "abs", "sign", "square",
+    "sinh", "asin", "asinh", "atan", "atanh", "erf", "expm1", "log1p", "abs", "sign", "square", "div",
     "sqrt", "cbrt", "integer_pow", "reduce_window_sum", "copy", "copy_p",
 }
 
@@ -43,18 +43,37 @@ def param_nodes(flow) -> set[int]:
             if any(o is not None and flow.roles.get(o) == PARAM for o in n.outputs)}
 
 
-def uses(flow, plan) -> set[int]:
-    """The parameter values that are effective weights: read by a node that is not itself a parameter
-    computation (a layer, a site, an embedding lookup, running statistics), or returned by the graph.
-    A control-flow node with a sub-plan places its uses inside its bodies."""
+def uses(flow, plan) -> tuple[set, set]:
+    """The effective weights: ``(values, edges)``. ``values``: parameter values read by a site (all of a
+    site's primitives compute on the inputs) or returned by the graph; ``edges``: ``(node, position)``
+    where a node that is not itself a parameter computation reads a parameter value (a layer outside a
+    site, running statistics, an embedding lookup). A control-flow node with a sub-plan places the uses
+    of its operands inside its bodies, except where a body input is no parameter value there (a scan's
+    carry: a learned initial state), which is a use at the node."""
     g, inside = flow.g, plan.param_nodes
-    found = set()
+    values, edges = set(), set()
+    for site in plan.sites:
+        values.update(a for a in site.operands if isinstance(a, int) and flow.roles.get(a) == PARAM)
     for i, node in enumerate(g.nodes):
-        if i in inside or i in plan.subplans:
+        if i in inside or i in plan.site_of_node:
             continue
-        found.update(a for a in node.inputs if isinstance(a, int) and flow.roles.get(a) == PARAM)
-    found.update(o for o in g.outputs if isinstance(o, int) and flow.roles.get(o) == PARAM)
-    return found
+        body_params = _body_params(flow, i) if i in plan.subplans else None
+        for p, a in enumerate(node.inputs):
+            inner = body_params is not None and p in body_params
+            if isinstance(a, int) and flow.roles.get(a) == PARAM and not inner:
+                edges.add((i, p))
+    values.update(o for o in g.outputs if isinstance(o, int) and flow.roles.get(o) == PARAM)
+    return values, edges
+
+
+def _body_params(flow, i: int) -> set[int]:
+    """The operand positions of control-flow node ``i`` whose body input is a parameter value."""
+    node, subs = flow.g.nodes[i], flow.sub_roles.get(i, {})
+    if node.name in _compat.COND:
+        roles = subs.get("branches") or []
+        return {p + 1 for p, r in enumerate(roles) if r == PARAM}
+    roles = subs.get("jaxpr") or []
+    return {p for p, r in enumerate(roles) if r == PARAM}
 
 
 def zero_keeping(flow, plan) -> list[bool]:
@@ -83,7 +102,8 @@ def _keeps_zero(flow, plan, start: int) -> bool:
             node = g.nodes[i]
             positions = [p for p, a in enumerate(node.inputs) if isinstance(a, int) and a == v]
             if i in plan.subplans:
-                if not all(_body_keeps_zero(node, plan.subplans[i], p) for p in positions):
+                inner = _body_params(flow, i)   # other positions are uses at the node: the way ends
+                if not all(_body_keeps_zero(node, plan.subplans[i], p) for p in positions if p in inner):
                     return False
                 continue
             if i not in plan.param_nodes:

@@ -111,7 +111,9 @@ class Traced:
         self.id_leaves = sorted(k for k in self.plan.id_inputs if k not in self.plan.body_ids)
         tables = [self.graph.aval(s.operands[1 - s.ids_operands[0]] if s.label == "one_hot"
                                   else s.operands[0]) for s in self.plan.sites if s.kind == "embedding"]
-        self.carrier_dtype = jnp.result_type(*[a.dtype for a in tables]) if tables else jnp.float32
+        # at least float32: a token's relevance sums its lookup's features (bfloat16 tables lose digits)
+        self.carrier_dtype = jnp.promote_types(jnp.result_type(*[a.dtype for a in tables]), jnp.float32) \
+            if tables else jnp.float32
 
     def _unreached(self) -> str:
         """Why no reward can flow back: no input at all, token ids that index no parameter table, or
@@ -129,13 +131,18 @@ class Traced:
         ids = [k for k in inputs if self.is_ids[k]]
         if ids and not any(self.in_taint[k] for k in inputs):
             where = ", ".join(sorted({self.names[k] for k in ids}))
-            return (f"the inputs of fun are integers ({where}: {', '.join(kinds)}{given}), and no lookup "
-                    f"of a parameter table by them reaches the outputs, so there is nothing reward could "
-                    f"enter at. Reward enters a model of token ids where a table in argnums="
-                    f"{self.argnums} is looked up by them (E[ids], jnp.take, nn.Embed, "
-                    f"one_hot(ids) @ E); ids that only mask, select or count are constants. If the table "
-                    f"is closed over by fun, pass it in an argument in argnums; if these integers are "
-                    f"labels for the reward, pass them with reward_argnums.")
+            found = (f"the inputs of fun are integers ({where}: {', '.join(kinds)}{given}), and no lookup "
+                     f"of a parameter table by them reaches the outputs, so there is nothing reward "
+                     f"could enter at. Reward enters a model of token ids where a table ")
+            if not self.argnums:   # lrp: every argument but the explained ones is a constant
+                return found + ("passed to fun as an argument (not closed over by fun) is looked up by "
+                                "them (E[ids], jnp.take, nn.Embed, one_hot(ids) @ E); ids that only mask, "
+                                "select or count are constants.")
+            return found + (f"in argnums={self.argnums} is looked up by them (E[ids], jnp.take, "
+                            f"nn.Embed, one_hot(ids) @ E); ids that only mask, select or count are "
+                            f"constants. If the table is closed over by fun, pass it in an argument in "
+                            f"argnums; if these integers are labels for the reward, pass them with "
+                            f"reward_argnums.")
         return ("no floating-point input of fun reaches its (floating-point) outputs, so there is "
                 f"nothing reward could flow back through (input dtypes: {kinds}{given}). LFP propagates "
                 "reward to float inputs (images, features) and to the lookups of token ids in parameter "
@@ -242,10 +249,10 @@ class Traced:
         if hidden:
             raise LFPError(
                 f"the token ids {', '.join(hidden)} are looked up inside a scan, cond or remat body, where "
-                f"the relevance of each token cannot be carried back to the ids (JAX's loop primitives "
+                f"the relevance of each token cannot be carried back to the ids (the loop primitives "
                 f"take no extra operands for it). Look the ids up before the loop and pass the "
-                f"embeddings in, or explain the embeddings: lrp(..., record=Match(kind='embedding')) "
-                f"returns the relevance at each lookup's output.")
+                f"embeddings in (lfp_value_and_feedback trains such a model as it is; only the per-token "
+                f"relevance needs the lookup outside).")
 
     def seeds(self, outs: list, r_leaves: list) -> tuple[list, dict]:
         """The cotangents that start the backward pass from the reward leaves ``r_leaves`` (one per

@@ -198,6 +198,8 @@ def conservation(fun: Callable, *args: Any, target: Any, composite: Any = None,
             if c:
                 ct = ct_taps["in"][(k, j)]
                 r_out += float(jnp.sum(ct if handed_r else op * ct))
+        if site.kind == "embedding":   # no input carries reward: the lookup hands its relevance to the
+            r_out = r_in               # token ids whole (each token's relevance sums its features)
         gap = r_in - r_out
         rows.append(SiteBalance(
             index=k, kind=site.kind, label=site.label, rule=rule_name(site.rule), module=site.path,

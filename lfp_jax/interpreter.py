@@ -52,10 +52,10 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
 
     weights: dict[int, Any] = {}
 
-    def read(atom, wrapped: Any = False, tap: bool = True, use: bool = True):
+    def read(atom, wrapped: Any = False, tap: bool = True, use: bool = False):
         if isinstance(atom, Lit):
             return atom.value
-        if use and atom in plan.param_uses:  # an effective weight: F_W = |W| ⊙ c_W (lfp_jax._params)
+        if use:  # an effective weight: F_W = |W| ⊙ c_W (lfp_jax._params)
             if atom not in weights:
                 weights[atom] = _weight(env[atom])
             return weights[atom]
@@ -83,7 +83,8 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
         if isinstance(step, Site):
             site, k = step, k + 1
             wrapped = _wrapped_operands(plan, site)
-            ops = [read(a, w) for a, w in zip(site.operands, wrapped)]
+            ops = [read(a, w, use=isinstance(a, int) and a in plan.param_uses)
+                   for a, w in zip(site.operands, wrapped)]
             ops = [op + in_taps[(k, j)] if (k, j) in in_taps else op for j, op in enumerate(ops)]
             call = _site_call(plan, site)
             if site.ids_operands and carried:
@@ -98,8 +99,7 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
             continue
         i, node = step, g.nodes[step]
         tapped = i not in skip
-        weight_use = i not in plan.param_nodes and i not in plan.subplans
-        ins = [read(a, mode(i, p), tapped, weight_use) for p, a in enumerate(node.inputs)]
+        ins = [read(a, mode(i, p), tapped, (i, p) in plan.param_use_edges) for p, a in enumerate(node.inputs)]
         if i in plan.relevance_pass:
             outs = _pass_relevance(node, ins, [p for p, a in enumerate(node.inputs)
                                                if isinstance(a, int) and a in plan.tainted])
@@ -109,24 +109,22 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
             if var is not None:
                 env[var] = val
         if i in plan.id_nodes and carried:
-            _carry(plan, node, ins, carried)
+            _carry(plan, i, ins, carried)
     if taps is not None:
         taps["moved"] = {v: env[v] for v in list(out_taps) + list(record) if v in env}
-    return [read(o, p in plan.wrapped_outputs, tap=False) for p, o in enumerate(g.outputs)]
+    return [read(o, p in plan.wrapped_outputs, tap=False, use=isinstance(o, int) and o in plan.param_uses)
+            for p, o in enumerate(g.outputs)]
 
 
-def _carry(plan: Plan, node: Node, ins: list[Any], carried: dict) -> None:
-    """The token-id carriers of ``node``'s outputs (an id-valued move or elementwise operation)."""
+def _carry(plan: Plan, i: int, ins: list[Any], carried: dict) -> None:
+    """The token-id carriers of node ``i``'s outputs (an id-valued move or elementwise operation)."""
+    node = plan.graph.nodes[i]
     cs = [carried.get(a) if isinstance(a, int) else None for a in node.inputs]
     if all(c is None for c in cs):
         return
     dtype = next(c for c in cs if c is not None).dtype
-    weights = None
-    if node.name == "gather":
-        producer = {o: j for j, n in enumerate(plan.graph.nodes) for o in n.outputs if o is not None}
-        weights = _embedding.index_weights(plan.graph, producer, node)
     outs = _embedding.carry(node, ins, cs, [plan.graph.avals[o] for o in node.outputs if o is not None],
-                            dtype, weights)
+                            dtype, plan.gather_weights.get(i))
     for var, c in zip([o for o in node.outputs if o is not None], outs):
         carried[var] = c
 

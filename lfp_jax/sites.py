@@ -146,8 +146,10 @@ class Plan:
     id_nodes: set = dataclasses.field(default_factory=set)  # nodes the token ids' carriers follow
     id_inputs: set = dataclasses.field(default_factory=set)  # input positions of ids with a carrier
     body_ids: set = dataclasses.field(default_factory=set)  # ids looked up inside control flow
+    gather_weights: dict = dataclasses.field(default_factory=dict)  # id nodes: a table looked up by ids
     param_nodes: set = dataclasses.field(default_factory=set)  # nodes computing parameter values
-    param_uses: set = dataclasses.field(default_factory=set)  # effective weights (see lfp_jax._params)
+    param_uses: set = dataclasses.field(default_factory=set)  # effective weights read by sites, outputs
+    param_use_edges: set = dataclasses.field(default_factory=set)  # (node, position) reading one
     zero_keeping: list = dataclasses.field(default_factory=list)  # per input: zero parameter stays 0
 
 
@@ -294,7 +296,6 @@ class _Analysis(DataFlow):
                              "jnp.where(mask, x, 0), a constant selector (or count with integers).")
         plan = Plan(g, self.tainted, sites, site_of_node, {}, set(), set(), {}, {})
         plan.schedule = self._schedule(site_of_node)
-        _embedding.trace_ids(self, plan)
         self._site_of_node = site_of_node
         _names.attach_parameters(self, plan, cats)
         if not self.nested or self.in_first is not None:
@@ -304,8 +305,9 @@ class _Analysis(DataFlow):
         if self._merge_affine_tails(plan, cats):
             plan.schedule = self._schedule(site_of_node)
         place_stabilizers(self, plan, cats, self.context, self.in_eps, self.wrap_out)
+        _embedding.trace_ids(self, plan)   # after the bodies: ids looked up inside them
         plan.param_nodes = _params.param_nodes(self)
-        plan.param_uses = _params.uses(self, plan)
+        plan.param_uses, plan.param_use_edges = _params.uses(self, plan)
         plan.zero_keeping = _params.zero_keeping(self, plan)
         self._hand_relevance(plan, cats)
         normalize_spikes_in_rules(self, plan)

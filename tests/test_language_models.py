@@ -227,8 +227,9 @@ def test_describe_shows_the_embedding_sites_and_the_shared_table():
 
 
 def test_ids_used_as_a_mask_carry_no_reward():
-    """The padding mask (ids != 0) selects scores as a constant: padded positions get no relevance
-    from the attention, and the mask is no site."""
+    """The padding mask (ids != 0) selects scores as a constant and is no site. In the first sequence,
+    positions 0 and 1 are padding: the classifier reads position 0's stream, and no query attends to
+    the padded keys, so position 1 gets no relevance at all."""
     fun, params = eqx_bert()
     inputs, labels = _inputs("eqx")
     found = lfp_jax.find_sites(fun, params, *inputs)
@@ -236,6 +237,7 @@ def test_ids_used_as_a_mask_carry_no_reward():
     _, (r_ids, r_types) = jax.jit(lfp_jax.lrp(fun, argnums=(1, 2)))(params, *inputs, target=labels)
     assert r_ids.shape == inputs[0].shape and r_types.shape == inputs[1].shape
     assert np.all(np.isfinite(r_ids)) and np.any(r_types != 0)
+    assert r_ids[0, 1] == 0 and r_ids[0, 0] != 0 and np.all(r_ids[1:, 1] != 0)
 
 
 # -- relevance inside the model --------------------------------------------------------------------------
@@ -248,10 +250,10 @@ def test_recorded_relevance_at_a_site_is_the_input_relevance_of_the_model_after_
     (ids,), _ = _inputs("take")
     logits = fun(params, ids)
     target = targets.contrastive(logits, 3, 5, position=2)
-    explain = jax.jit(lfp_jax.lrp(fun, argnums=1, record=Match(kind="linear", label="dense")))
+    explain = jax.jit(lfp_jax.lrp(fun, argnums=1, record=Match(kind="linear", path="w")))
     _, per_token, recorded = explain(params, ids, target=target)
-    first = next(iter(recorded))
-    assert first.endswith("linear w") or "dense" in first or first.split()[1] == "linear"
+    (first,) = recorded                     # the hidden layer (the head, tied, is named "table")
+    assert first.split()[1:] == ["linear", "w"], first
     h = jnp.concatenate([params["table"][ids], params["table"][jnp.roll(ids, 1, -1)]], -1) @ params["w"] \
         + params["b"]
     _, want = lfp_jax.lrp(lambda p, h: jax.nn.gelu(h) @ p["table"].T, argnums=1)(params, h, target=target)
@@ -356,3 +358,70 @@ def test_ids_looked_up_inside_a_scan_train_but_are_not_explained():
     assert_theorem1(fun, params, ids, labels=labels[:, 0], rtol=1e-8)
     with pytest.raises(errors.LFPError, match="looked up inside a scan"):
         lfp_jax.lrp(fun, argnums=1)(params, ids, target=labels[:, 0])
+
+
+# -- corner cases of ids and parameters -------------------------------------------------------------------
+
+
+def test_a_lookup_by_ids_and_a_constant_column_gives_the_ids_all_of_it():
+    """``E2[ids, seg]`` with ``seg`` a constant argument: the index vector has two components, and only
+    the ids' is a token; against the model fed the looked-up rows."""
+    k = jax.random.split(jax.random.key(21), 2)
+    p = {"E2": jax.random.normal(k[0], (V, 2, D), jnp.float64),
+         "w": jax.random.normal(k[1], (D, 3), jnp.float64)}
+    ids = jnp.array([[1, 5, 2], [7, 7, 0]], jnp.int32)
+    seg = jnp.array([[0, 1, 1], [1, 0, 0]], jnp.int32)
+    target = jnp.array([0, 2])
+    _, per_token = jax.jit(lfp_jax.lrp(lambda p, ids, seg: (p["E2"][ids, seg] @ p["w"]).sum(1), argnums=1))(
+        p, ids, seg, target=target)
+    _, r_e = lfp_jax.lrp(lambda p, e: (e @ p["w"]).sum(1), argnums=1)(p, p["E2"][ids, seg], target=target)
+    np.testing.assert_allclose(per_token, r_e.sum(-1), rtol=1e-10, atol=1e-13)
+
+
+def test_ids_that_only_mask_inside_a_scan_are_still_explained():
+    """Scanned layers with a padding mask from the ids in the body: the lookup is outside the loop, so
+    each token's relevance comes back (against the model fed the embeddings)."""
+    k = jax.random.split(jax.random.key(22), 3)
+    p = {"E": jax.random.normal(k[0], (V, D), jnp.float64),
+         "Ws": jax.random.normal(k[1], (2, D, D), jnp.float64) / np.sqrt(D),
+         "out": jax.random.normal(k[2], (D, 4), jnp.float64)}
+    ids = jnp.array([[0, 3, 5, 2], [4, 4, 1, 9]], jnp.int32)
+
+    def body(p, e, ids):
+        mask = (ids != 0).astype(e.dtype)[..., None]
+
+        def layer(h, w):
+            return jax.nn.relu(h @ w) * mask + h, None
+
+        h, _ = jax.lax.scan(layer, e, p["Ws"])
+        return h.sum(1) @ p["out"]
+
+    target = jnp.array([1, 3])
+    explain = jax.jit(lfp_jax.lrp(lambda p, ids: body(p, p["E"][ids], ids), argnums=1))
+    _, per_token = explain(p, ids, target=target)
+    _, r_e = lfp_jax.lrp(lambda p, e: body(p, e, ids), argnums=1)(p, p["E"][ids], target=target)
+    np.testing.assert_allclose(per_token, r_e.sum(-1), rtol=1e-10, atol=1e-13)
+
+
+def test_the_relevance_of_tokens_of_a_bfloat16_table_is_summed_in_float32():
+    table = (jax.random.normal(jax.random.key(23), (V, 256)) * 0.1).astype(jnp.bfloat16)
+    ids = jnp.arange(6, dtype=jnp.int32).reshape(1, 6)
+    explain = lfp_jax.lrp(lambda t, ids: t[ids].sum(-1), argnums=1)
+    _, per_token = explain(table, ids, target=jnp.ones((1, 6), jnp.bfloat16))
+    assert per_token.dtype == jnp.float32
+
+
+def test_an_embedding_site_conserves_in_the_conservation_report():
+    fun, params = take_lm(relu=True)
+    (ids,), labels = _inputs("take")
+    report = lfp_jax.conservation(fun, params, ids, target=labels)
+    rows = [r for r in report.sites if r.kind == "embedding"]
+    assert len(rows) == 2 and all(r.relative_gap == 0 for r in rows)
+    assert abs(report.input_relevance) > 0
+
+
+def test_lrp_of_a_table_closed_over_says_to_pass_it_as_an_argument():
+    table = jnp.ones((V, D))
+    with pytest.raises(errors.LFPError, match="passed to fun as an argument"):
+        lfp_jax.lrp(lambda ids: table[ids].sum(-1), argnums=0)(jnp.ones((2, 3), jnp.int32),
+                                                               target=jnp.ones((2, 3)))

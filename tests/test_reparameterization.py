@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+from _helpers import assert_theorem1
 
 import lfp_jax
 
@@ -144,3 +146,41 @@ def test_tied_weights_sum_the_feedback_of_both_uses():
     np.testing.assert_allclose(got, parts["enc"] + parts["dec"].T, rtol=1e-9)
     table = lfp_jax.describe(tied, e, x)
     assert "parameters used by several sites" in table and "<argument 0>: sites 0, 2" in table
+
+
+def _rnn(k):
+    return {"h0": jax.random.normal(k[0], (4,), jnp.float64),
+            "w": jax.random.normal(k[1], (4, 4), jnp.float64) / 2,
+            "u": jax.random.normal(k[2], (3, 4), jnp.float64),
+            "o": jax.random.normal(k[3], (4, 3), jnp.float64)}
+
+
+def test_a_learned_initial_state_carried_by_a_scan_gets_the_papers_feedback():
+    """h0 is a scan's initial carry and meets h0 @ W inside the loop: both are weights used as they
+    are (a product of two parameters is a layer, not one effective weight), so Theorem 1 holds for
+    each, written with lax.scan and as a Python loop alike."""
+    k = jax.random.split(jax.random.key(30), 6)
+    params = _rnn(k)
+    x = jax.random.normal(k[4], (5, 6, 3), jnp.float64)   # (batch, time, features)
+    y = jax.random.randint(k[5], (5,), 0, 3)
+
+    def scanned(p, x):
+        h0 = jnp.broadcast_to(p["h0"], (x.shape[0], 4))
+        step = lambda h, xt: (jax.nn.relu(h @ p["w"] + xt @ p["u"]), None)   # noqa: E731
+        h, _ = jax.lax.scan(step, h0, x.transpose(1, 0, 2))
+        return h @ p["o"]
+
+    def looped(p, x):
+        h = jnp.broadcast_to(p["h0"], (x.shape[0], 4))
+        for t in range(x.shape[1]):
+            h = jax.nn.relu(h @ p["w"] + x[:, t] @ p["u"])
+        return h @ p["o"]
+
+    for fun in (scanned, looped):
+        assert_theorem1(fun, params, x, labels=y, rtol=1e-8)
+
+
+def test_a_zero_bias_halved_is_reported_frozen():
+    params = {"w": _rand(31, 3, 2), "b": jnp.zeros(2)}
+    with pytest.warns(lfp_jax.errors.FrozenParameterWarning, match=r"\['b'\]"):
+        lfp_jax.lfp_vjp(lambda p, x: x @ p["w"] + p["b"] / 2, params, _rand(32, 4, 3))

@@ -68,12 +68,13 @@ class Embedding(Rule):
 
             grads = dict(zip(floats, jax.vjp(value, *[ops[k] for k in floats])[1](ct)))
             op_cts = tuple(grads.get(k) for k in range(len(ops)))
+            dt = cs[positions[0]].dtype   # at least float32 (a sum over the features follows)
             if one_hot:  # the one-hot input's relevance x ⊙ J_xᵀ c_e, summed later over the vocabulary
-                relevance = [ops[k] * grads[k] for k in positions]
+                relevance = [ops[k].astype(dt) * grads[k].astype(dt) for k in positions]
             else:  # the relevance of each token: R_e summed over the features (transpose of spread)
                 _, vjp = jax.vjp(lambda *c: spread(site.primitives[0], site.params[0], c, outs[0].shape,
                                                    site.index_weights), *[cs[k] for k in positions])
-                relevance = list(vjp((outs[0] * ct).astype(cs[positions[0]].dtype)))
+                relevance = list(vjp(outs[0].astype(dt) * ct.astype(dt)))
             c_cts = [None] * len(cs)
             for k, r in zip(positions, relevance):
                 c_cts[k] = r.astype(cs[k].dtype)
