@@ -68,7 +68,6 @@ def bench(name: str, batch: int, steps: int, zeros: bool) -> dict:
                 t = time.perf_counter()
                 jax.block_until_ready(c(*args))
                 times[label].append(time.perf_counter() - t)
-        jax.effects_barrier()
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"model": name + ("+zeros" if zeros else ""), "batch": batch, "steps": steps,
             "check_ms": 1e3 * med["check"], "none_ms": 1e3 * med["none"], "ratio": med["check"] / med["none"],

@@ -9,10 +9,11 @@ of every residual block. A zero parameter used through a shift (Gemma's RMSNorm 
 The check runs where people train. With concrete parameters it runs on the host when the model is
 traced; under ``jax.jit``, ``pmap`` and ``vmap`` the parameters are tracers, and the compiled step
 reads one element of each candidate leaf; only when one is 0 does it test the whole leaf and call back
-to the host, which warns once per set of leaves (under a ``vmap`` of batched parameters the branch
-becomes a select, and the call-back runs at every step). The call-back is a ``jax.pure_callback`` (an effect
-would also cost every call of the step JAX's fast dispatch path); its int32 zero is added to the
-feedback so that the check stays in the program.
+to the host, which warns once per set of leaves, when the step runs (with JAX's asynchronous dispatch,
+possibly after the call has returned; at the latest when its results are read). Under a ``vmap`` of
+batched parameters the branch becomes a select, and the call-back runs at every step. The call-back is
+a ``jax.pure_callback`` (an effect would also cost every call of the step JAX's fast dispatch path);
+its int32 zero is added to the feedback so that the check stays in the program.
 
 The check is not free: a host call-back in an executable slows XLA's CPU runtime down even where it
 never runs (``benchmarks/frozen_check.py``: 5-15 % of a CPU step). ``allow_frozen=True`` compiles the
@@ -186,14 +187,22 @@ def find_frozen(params: Any) -> list[tuple[str, str]]:
     return frozen
 
 
-def frozen_leaves(params: Any, fun: Any, args: tuple) -> list[tuple[str, str]]:
-    """``(path, kind)`` of the leaves of ``params`` that are zero and that ``fun(params, *args)`` uses so
-    that they can never move (see the module docstring)."""
+def would_freeze(params: Any, fun: Any, args: tuple) -> list[tuple[str, str]]:
+    """``(path, kind)`` of the leaves of ``params`` that ``fun(params, *args)`` uses so that they could
+    never move if they were zero (used directly, moved or scaled; see the module docstring). Needs no
+    values: it works on tracers too (inside ``pmap``, for a model with a named batch axis)."""
     t = Traced(fun, (params, *args), lfp_epsilon(), 0, False, strict=False)
     names = [tuple(t.names[k].split("/")) for k in range(len(t.leaves))]
     kinds = _kind(names, t.leaves)
-    return [(t.paths[k][len("[0]"):], kinds[k]) for k in candidates(t)
-            if not np.any(np.asarray(t.leaves[k]) != 0)]
+    return [(t.paths[k][len("[0]"):], kinds[k]) for k in candidates(t)]
+
+
+def frozen_leaves(params: Any, fun: Any, args: tuple) -> list[tuple[str, str]]:
+    """``(path, kind)`` of the leaves of ``params`` that are zero and that ``fun(params, *args)`` uses so
+    that they can never move (concrete parameters)."""
+    values = {jtu.keystr(path): leaf for path, leaf in jtu.tree_flatten_with_path(params)[0]}
+    return [(path, kind) for path, kind in would_freeze(params, fun, args)
+            if not np.any(np.asarray(values[path]) != 0)]
 
 
 def check_params(params: Any, fun: Any = None, *args: Any) -> None:

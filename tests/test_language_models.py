@@ -313,8 +313,7 @@ def test_gemma_norms_move_and_raise_no_warning_while_zero_biases_are_reported_un
     g = lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # 1 + scale with scale = 0: nothing is frozen
-        _, fb = jax.jit(g)(params, ids, labels)
-        jax.effects_barrier()
+        _, fb = jax.block_until_ready(jax.jit(g)(params, ids, labels))   # the compiled step has run
     assert np.all(jax.tree.leaves(fb["norm1"]["scale"])[0] != 0)
     eqx_fun, eqx_params = eqx_bert()
     inputs, eqx_labels = _inputs("eqx")
@@ -323,8 +322,8 @@ def test_gemma_norms_move_and_raise_no_warning_while_zero_biases_are_reported_un
     per_example = jax.vmap(lambda p, i, t, y: h(p, i[None], t[None], y[None])[1], in_axes=(None, 0, 0, 0))
     expected = r"(?s)norm\.bias.*offsets start at 0.*compiled step"
     with pytest.warns(errors.FrozenParameterWarning, match=expected):
-        jax.jit(per_example)(eqx_params, *inputs, eqx_labels)   # the parameters are traced here
-        jax.effects_barrier()
+        # the parameters are traced here; the warning comes when the step runs
+        jax.block_until_ready(jax.jit(per_example)(eqx_params, *inputs, eqx_labels))
 
 
 # -- errors people hit first ------------------------------------------------------------------------------

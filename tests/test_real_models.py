@@ -116,15 +116,13 @@ def test_resnet_zero_scales_are_reported_under_jit_and_torch_init_gives_every_br
     step = jax.jit(lfp)
     _frozen._warned.clear()
     with pytest.warns(errors.FrozenParameterWarning) as record:
-        _, fb = step(params, x, stats, y)
-        jax.effects_barrier()
+        _, fb = jax.block_until_ready(step(params, x, stats, y))   # the warning comes when it runs
     message = str(record[0].message)
     assert "['ResidualBlock_0']['BatchNorm_1']['scale']" in message and "compiled step" in message
     assert "torch_init(key, params, fun, *args) sets the zero scales that LFP cannot move to 1" in message
     with warnings.catch_warnings():   # once: the second call of the same step is silent
         warnings.simplefilter("error")
-        step(params, x, stats, y)
-        jax.effects_barrier()
+        jax.block_until_ready(step(params, x, stats, y))
     grads = jax.jit(jax.grad(lambda p: rewards.softmax_loss(_train(p, x, stats)[0], y).sum()))(params)
 
     def silent(fb):  # leaves with a non-zero gradient but no feedback at all
@@ -139,8 +137,7 @@ def test_resnet_zero_scales_are_reported_under_jit_and_torch_init_gives_every_br
     assert all(np.all(a != 0) for k, a in jax.tree_util.tree_leaves_with_path(params)
                if "scale" in jax.tree_util.keystr(k))
     with pytest.warns(errors.FrozenParameterWarning) as record:  # BatchNorm offsets stay at 0
-        _, fb = step(params, x, stats, y)
-        jax.effects_barrier()
+        _, fb = jax.block_until_ready(step(params, x, stats, y))   # the warning comes when it runs
     assert "['scale']" not in str(record[0].message) and "offsets start at 0" in str(record[0].message)
     assert all(k.endswith("['bias']") and ("BatchNorm" in k or "norm_proj" in k) for k in silent(fb))
     assert np.all(fb["ResidualBlock_0"]["Conv_1"]["kernel"] != 0)
@@ -161,8 +158,7 @@ def test_zero_scales_are_reported_from_a_pmap_step():
     one = lambda tree: jax.tree.map(lambda a: a[None], tree)   # noqa: E731
     _frozen._warned.clear()
     with pytest.warns(errors.FrozenParameterWarning, match=r"(?s)BatchNorm_1'\]\['scale'\].*compiled step"):
-        _, fb = jax.pmap(lfp)(one(params), one(x), one(stats), one(y))
-        jax.effects_barrier()
+        _, fb = jax.block_until_ready(jax.pmap(lfp)(one(params), one(x), one(stats), one(y)))
     assert not np.any(fb["ResidualBlock_0"]["BatchNorm_1"]["scale"] != 0)
 
 

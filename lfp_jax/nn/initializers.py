@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util as jtu
 
-from lfp_jax._frozen import frozen_leaves, is_norm_scale, leaf_names
+from lfp_jax._frozen import is_norm_scale, leaf_names, would_freeze
 
 
 def _fan_in(shape: tuple[int, ...]) -> int:
@@ -92,7 +92,7 @@ def torch_init(key: jax.Array, params: Any, fun: Callable | None = None, *args: 
             fan_in[name[:-1]] = _fan_in(jnp.shape(leaf))
     frozen = set()
     if fun is not None:
-        frozen = {path for path, kind in frozen_leaves(params, fun, args) if kind == "scale"}
+        frozen = {path for path, kind in would_freeze(params, fun, args) if kind == "scale"}
     specs, scales = [], []  # (leaf index, shape, dtype, bound); leaf indices of normalisation scales
     for k, (name, (path, leaf)) in enumerate(zip(names, leaves)):
         if name and name[-1] in ("kernel", "bias") and name[:-1] in fan_in:
@@ -107,7 +107,7 @@ def torch_init(key: jax.Array, params: Any, fun: Callable | None = None, *args: 
     for (k, *_), value in zip(specs, drawn):
         out[k] = value
     for k in scales:
-        out[k] = jnp.ones_like(out[k])
+        out[k] = jnp.where(jnp.all(out[k] == 0), jnp.ones_like(out[k]), out[k])   # zero scales only
     return jtu.tree_unflatten(treedef, out)
 
 
