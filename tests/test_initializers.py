@@ -132,3 +132,22 @@ def test_torch_init_can_keep_the_kernels_and_draw_only_the_biases():
     new = torch_init(jax.random.key(0), params, keep_kernels=True)
     np.testing.assert_array_equal(new["Dense_0"]["kernel"], 0.02)
     assert np.all(new["Dense_0"]["bias"] != 0) and np.all(np.abs(new["Dense_0"]["bias"]) <= 1 / np.sqrt(3))
+
+
+def test_torch_init_with_the_model_works_on_traced_parameters():
+    """Inside jit or pmap (a model whose BatchNorm averages over a named batch axis is initialised
+    there), which scales would freeze comes from the model's analysis and the zero test is traced."""
+    params = {"bn_last": {"scale": jnp.zeros(4)}, "ln": {"scale": jnp.full((4,), 0.5)},
+              "out": {"kernel": jnp.ones((4, 2))}}
+
+    def fun(p, x):
+        h = (x - x.mean(0)) * jax.lax.rsqrt(x.var(0) + 1e-5)
+        return (h * p["bn_last"]["scale"] + h * p["ln"]["scale"]) @ p["out"]["kernel"]
+
+    x = jax.random.normal(jax.random.key(4), (6, 4))
+    eager = torch_init(jax.random.key(0), params, fun, x)
+    traced = jax.jit(lambda p, x: torch_init(jax.random.key(0), p, fun, x))(params, x)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(traced["bn_last"]["scale"], 1.0)
+    np.testing.assert_array_equal(traced["ln"]["scale"], 0.5)
