@@ -17,9 +17,7 @@ others find the warning given), which is the cost of leaving a reported problem 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import time
 import warnings
 
@@ -28,7 +26,7 @@ import numpy as np
 import optax
 
 import lfp_jax
-from benchmarks.step_time import CLASSES, _batch
+from benchmarks.step_time import CLASSES, _batch, environment
 from experiments import models
 
 
@@ -94,11 +92,8 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['model']} | {r['leaves']} | {r['batch']} | {r['check_ms']:.3f} | {r['none_ms']:.3f} | "
               f"{r['ratio']:.3f} |")
     if args.json:
-        env = {"jax": jax.__version__, "backend": jax.default_backend(),
-               "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-               "date": datetime.date.today().isoformat()}
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
+            json.dump({"environment": environment(), "rows": rows}, f, indent=1)
     return rows
 
 

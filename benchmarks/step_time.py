@@ -179,6 +179,12 @@ def bench(name: str, batch: int, steps: int, max_seconds: float = float("inf"),
     }
 
 
+def environment() -> dict:
+    """Where a benchmark ran: the JAX version, backend and device, the CPU count, the date."""
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat()}
+
+
 def reference(python: str, models: list[str], batch: int, steps: int) -> dict[str, dict]:
     """The reference implementation's step times, from ``tools/lfprop_reference/step_time.py``."""
     wanted = [m for m in models if m in REFERENCE_MODELS]
@@ -251,11 +257,8 @@ def main(argv=None) -> list[dict]:
             print(f"| {r['model']} | {r['batch']} | {r['lrp_ms']:.2f} | {r['grad_ms']:.2f} | "
                   f"{r['ratio']:.2f} |")
     if args.json:
-        env = {"jax": jax.__version__, "backend": jax.default_backend(),
-               "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-               "date": datetime.date.today().isoformat()}
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows, "lrp_rows": lrp_rows}, f, indent=1)
+            json.dump({"environment": environment(), "rows": rows, "lrp_rows": lrp_rows}, f, indent=1)
     return rows
 
 

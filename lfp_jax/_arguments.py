@@ -126,8 +126,9 @@ def is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or hasattr(leaf, "__jax_array__")
 
 
-def path_name(path) -> str:
-    """``layers/0/linear/kernel`` for a pytree key path (nnx's trailing ``.value`` dropped)."""
+def leaf_names(path) -> tuple[str, ...]:
+    """The key names of a pytree key path, nnx's trailing ``.value`` dropped (a key named ``value``
+    elsewhere, BERT's ``attention/self/value``, is kept)."""
     parts = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -138,7 +139,12 @@ def path_name(path) -> str:
             parts.append(str(entry))
     while parts and parts[-1] in ("value", "raw_value"):
         parts.pop()
-    return "/".join(parts)
+    return tuple(parts)
+
+
+def path_name(path) -> str:
+    """``layers/0/linear/kernel`` for a pytree key path (nnx's trailing ``.value`` dropped)."""
+    return "/".join(leaf_names(path))
 
 
 def check_reward(reward: Any, outputs: Any, out_tree) -> list[Any]:

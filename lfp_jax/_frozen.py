@@ -33,7 +33,7 @@ import numpy as np
 from jax import tree_util as jtu
 
 from lfp_jax import _graph
-from lfp_jax._arguments import user_stacklevel
+from lfp_jax._arguments import leaf_names, user_stacklevel
 from lfp_jax._trace import Traced
 from lfp_jax.composites import lfp_epsilon
 from lfp_jax.errors import FrozenParameterError, FrozenParameterWarning
@@ -80,19 +80,6 @@ def is_norm_scale(name: tuple[str, ...], leaf: Any) -> bool:
     if not name or not hasattr(leaf, "shape"):
         return False
     return name[-1] in ("scale", "weight") and np.ndim(leaf) == 1
-
-
-def leaf_names(path) -> tuple[str, ...]:
-    """The key names of a pytree path (nnx Variables add a trailing ``.value``, dropped here)."""
-    out = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                out.append(str(getattr(entry, attr)))
-                break
-        else:
-            out.append(str(entry))
-    return tuple(n for n in out if n not in ("value", "raw_value"))
 
 
 def message(frozen: list[tuple[str, str]]) -> str:

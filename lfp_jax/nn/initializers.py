@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util as jtu
 
-from lfp_jax._frozen import is_norm_scale, leaf_names, would_freeze
+from lfp_jax._arguments import leaf_names
+from lfp_jax._frozen import is_norm_scale, would_freeze
 
 
 def _fan_in(shape: tuple[int, ...]) -> int:
