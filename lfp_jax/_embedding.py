@@ -12,7 +12,10 @@ Three kinds of values matter here, decided by :func:`role`:
   and its float cast that ``jax.nn.one_hot`` computes. A position computed by a cumulative sum, an
   arg-max or a count is no id value: it says where a token is, not which token it is.
 * **parameter values** (:data:`PARAM`): parameters, and values computed from parameters and scalar
-  literals only (``E.astype(bf16)``, ``Eᵀ``, ``1 + scale``, ``P[arange(T)]``).
+  literals only (``E.astype(bf16)``, ``Eᵀ``, ``1 + scale``, ``P[arange(T)]``): effective weights (see
+  :mod:`lfp_jax._params`). A contraction of two of them (``A @ B``, a learned state times a kernel)
+  is a layer whose factors are each a weight; what it computes is **derived** (:data:`DERIVED`):
+  parameter-only, a table ids can look up, no effective weight.
 * **constants of the formula** (:data:`CONST`): scalar literals and what is computed from them alone
   (``iota``, a broadcast ``1.0``).
 
@@ -46,6 +49,7 @@ from lfp_jax._primitives import ELEMENTWISE, MOVES, NO_REWARD, RANDOM
 
 IDS = "ids"
 PARAM = "param"
+DERIVED = "derived"
 CONST = "const"
 
 _ID_MOVES = MOVES - {"argmax", "argmin", "iota", "sort", "top_k"}
@@ -93,11 +97,11 @@ def role(node: Node, roles: dict, tainted: set) -> str | None:
             if node.name in _INDEX and all(found[p] in (IDS, CONST) for p in data):
                 return IDS  # a constant table looked up by ids (jnp.eye(V)[ids]): one row per token
         return None
-    if node.name in _CONTRACTIONS and found.count(PARAM) >= 2:
-        return None   # a layer applied to a learned tensor (h0 @ W, a probe's query): each is a weight
-    if all(r in (PARAM, CONST) for r in found):
-        return PARAM if PARAM in found else CONST
-    return None
+    if not all(r in (PARAM, DERIVED, CONST) for r in found):
+        return None
+    if DERIVED in found or (node.name in _CONTRACTIONS and found.count(PARAM) >= 2):
+        return DERIVED   # a layer applied to a learned tensor (h0 @ W, A @ B): each factor is a weight
+    return PARAM if PARAM in found else CONST
 
 
 def lookup(graph: Graph, node: Node, roles: dict) -> tuple[str, tuple[int, ...]] | None:
@@ -106,7 +110,7 @@ def lookup(graph: Graph, node: Node, roles: dict) -> tuple[str, tuple[int, ...]]
     name = node.name
     floats = [is_float(graph.aval(a)) for a in ins]
     if name in ("gather", "dynamic_slice") and len(ins) >= 2:
-        if not (floats[0] and atom_role(roles, ins[0]) == PARAM):
+        if not (floats[0] and atom_role(roles, ins[0]) in (PARAM, DERIVED)):
             return None
         index = (1,) if name == "gather" else tuple(range(1, len(ins)))
         ids = tuple(p for p in index if atom_role(roles, ins[p]) == IDS)
@@ -116,7 +120,7 @@ def lookup(graph: Graph, node: Node, roles: dict) -> tuple[str, tuple[int, ...]]
         for p in (0, 1):
             q = 1 - p
             if (floats[p] and floats[q] and atom_role(roles, ins[p]) == IDS
-                    and atom_role(roles, ins[q]) == PARAM):
+                    and atom_role(roles, ins[q]) in (PARAM, DERIVED)):
                 return "one_hot", (p,)
     return None
 
@@ -259,5 +263,5 @@ def carry(node: Node, ins: list[Any], carriers: list[Any], out_avals: list[Any],
     return list(out) if node.prim.multiple_results else [out]
 
 
-__all__ = ["IDS", "PARAM", "CONST", "is_integer", "role", "lookup", "index_weights", "embedding_site",
-           "trace_ids", "spread", "carry"]
+__all__ = ["IDS", "PARAM", "DERIVED", "CONST", "is_integer", "role", "lookup", "index_weights",
+           "embedding_site", "trace_ids", "spread", "carry"]

@@ -424,3 +424,19 @@ def test_lrp_of_a_table_closed_over_says_to_pass_it_as_an_argument():
     with pytest.raises(errors.LFPError, match="passed to fun as an argument"):
         lfp_jax.lrp(lambda ids: table[ids].sum(-1), argnums=0)(jnp.ones((2, 3), jnp.int32),
                                                                target=jnp.ones((2, 3)))
+
+
+def test_a_table_that_is_a_product_of_two_parameters_is_looked_up_and_each_factor_is_a_weight():
+    """A factorised table (A @ B)[ids]: the lookup is an embedding site, and A and B are each weights
+    used as they are, so Theorem 1 holds for both."""
+    k = jax.random.split(jax.random.key(24), 3)
+    params = {"a": jax.random.normal(k[0], (V, 3), jnp.float64),
+              "b": jax.random.normal(k[1], (3, D), jnp.float64),
+              "out": jax.random.normal(k[2], (D, 4), jnp.float64)}
+    (ids,), labels = _inputs("take")
+
+    def fun(p, ids):
+        return jax.nn.relu((p["a"] @ p["b"])[ids]).mean(1) @ p["out"]
+
+    assert [s.kind for s in lfp_jax.find_sites(fun, params, ids)][0] == "embedding"
+    assert_theorem1(fun, params, ids, labels=labels[:, 0] % 4, rtol=1e-8)
