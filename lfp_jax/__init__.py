@@ -3,7 +3,7 @@
 ``lfp_value_and_feedback`` is to LFP what ``jax.value_and_grad`` is to gradient descent.
 """
 
-from lfp_jax import composites, errors, nn, rewards, rules, sites, targets
+from lfp_jax import composites, errors, metrics, nn, rewards, rules, sites, targets
 from lfp_jax.api import (
     check_params,
     describe,
@@ -37,6 +37,7 @@ __all__ = [
     "lfp_value_and_grad",
     "lfp_vjp",
     "lrp",
+    "metrics",
     "nn",
     "rewards",
     "rules",
