@@ -66,6 +66,13 @@ code 0: finished; 1: a config mistake, a run folder that cannot be resumed as as
 damaged checkpoint or metrics) or a missing dataset; 3: the training diverged (the JSON line then also
 holds ``epoch``, ``step``, ``global_step`` and ``nonfinite_leaves``). (2 is argparse's usage error.)
 
+Progress
+--------
+On a terminal (stderr is a TTY) each epoch shows a progress bar on stderr; when stderr goes to a file
+or a pipe there is no bar (its carriage-return updates would fill the log), only the line printed after
+each epoch (stdout: ``<name> seed <s> epoch <e>: train acc ..., test acc ...``). ``--no-progress`` turns
+off both.
+
 Test hook
 ---------
 ``LFP_JAX_CHECKPOINT_WRITE_DELAY=<seconds>`` sleeps that long after the temporary checkpoint file is
@@ -591,12 +598,14 @@ class Trainer:
                 f"delete the run folder)")
 
     def run_epoch(self, epoch: int, progress: bool = True) -> dict:
+        """One epoch; ``progress``: a progress bar on stderr, drawn only where stderr is a terminal."""
         cfg = self.cfg
         order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(self.data.x_train))
         epoch_key = jax.random.fold_in(self.key, epoch + 1)
         sums = {"loss": 0.0, "accuracy": 0.0, "reward": 0.0}
+        progress = progress and stderr_is_terminal()
         bar = tqdm(range(self.steps_per_epoch), desc=f"{cfg['name']} epoch {epoch + 1}/{cfg['epochs']}",
-                   leave=False, disable=not progress, mininterval=0.5)
+                   leave=False, disable=not progress, mininterval=0.5, file=sys.stderr)
         pending = None  # (step, finiteness flags) of the step before, read once the next one is queued
         for b in bar:
             idx = order[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]]
@@ -622,6 +631,15 @@ class Trainer:
         leaves.sort(key=lambda name: order.get(name.split("/")[0], 3))  # parameters first, stable within
         raise DivergenceError(epoch + 1, b + 1, epoch * self.steps_per_epoch + b + 1, bool(flags[0]),
                               bool(flags[1]), leaves)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal: progress bars are drawn only there (in a file or a pipe their
+    carriage-return updates would pile up)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):   # replaced by an object without isatty, or closed
+        return False
 
 
 def _flat_config(cfg, prefix: str = "") -> dict:
@@ -819,7 +837,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: accept a config that differs from the run's config.yaml")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars and no line per epoch (bars are drawn only on a terminal)")
     args = parser.parse_args(argv)
     try:
         cfg = config_lib.load(args.config, args.set)

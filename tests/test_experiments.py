@@ -213,6 +213,45 @@ def test_cli_prints_the_summary_as_its_last_line(tmp_path, capsys, idx_dir):
     assert {"test_accuracy", "train_seconds", "method", "seed"} <= set(last)
 
 
+def test_no_progress_bars_when_the_output_goes_to_a_file(tmp_path):
+    """Redirected to files (a log, CI), the trainer writes one line per epoch and no progress bar: no
+    carriage returns, a few hundred bytes (a bar's updates used to write ~150 KB per run)."""
+    import subprocess
+    import sys
+
+    from _doc_runner import ROOT, subprocess_env
+
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        subprocess.run([sys.executable, "-m", "experiments.train", "--config",
+                        os.path.join(CONFIG_DIR, "digits_mlp_lfp.yaml"), "--set", f"out_dir={tmp_path}",
+                        "--set", "epochs=2", "--set", "data.subset=64", "--set", "batch_size=8"],
+                       stdout=out, stderr=err, env=subprocess_env(), cwd=ROOT, timeout=300, check=True)
+    stdout, stderr = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
+    assert "\r" not in stdout and "\r" not in stderr, stderr[-500:]
+    assert "it/s" not in stderr and "%|" not in stderr          # no tqdm bar, not even a final one
+    epochs = [line for line in stdout.splitlines() if " epoch " in line and "test acc" in line]
+    assert [line.split(":")[0] for line in epochs] == ["digits_mlp_lfp seed 0 epoch 1",
+                                                       "digits_mlp_lfp seed 0 epoch 2"]
+    assert len(stdout) + len(stderr) < 5000, (len(stdout), len(stderr))
+
+
+def test_progress_bars_on_a_terminal(tmp_path, monkeypatch, idx_dir, cifar_dir):
+    """On a terminal the bar is drawn (on stderr); with progress=False nothing is written."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    cfg = _tiny(os.path.join(CONFIG_DIR, "digits_mlp_lfp.yaml"), tmp_path, idx_dir, cifar_dir)
+    for progress in (True, False):
+        terminal = Terminal()
+        monkeypatch.setattr("sys.stderr", terminal)
+        train.train({**cfg, "name": f"bar_{progress}"}, progress=progress)
+        monkeypatch.undo()
+        assert ("\r" in terminal.getvalue() and "bar_True epoch 1/1" in terminal.getvalue()) == progress
+
+
 def test_resume_continues_where_the_checkpoint_stopped(tmp_path, idx_dir, cifar_dir):
     base = os.path.join(CONFIG_DIR, "digits_mlp_lfp.yaml")
     full = train.train(_tiny(base, tmp_path / "a", idx_dir, cifar_dir, "epochs=3"), progress=False)
