@@ -72,6 +72,7 @@ def plot_curves(run_dirs: dict, path: str, seed: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, max(len(run_dirs), 1), figsize=(5 * max(len(run_dirs), 1), 3.6),
                              squeeze=False)
@@ -83,6 +84,7 @@ def plot_curves(run_dirs: dict, path: str, seed: int) -> None:
                     markersize=3, label={"lfp": "LFP", "gd": "gradient descent"}[method])
         ax.set_title(f"{dataset}, MLP 120-84 (seed {seed})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -29,6 +29,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments import config as config_lib  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
@@ -229,6 +230,7 @@ def _plot_curves(runner: Runner, path: str) -> None:
     ax.axhline(0.70, color="gray", ls="--", lw=1, label="reference LFP ≈ 0.70")
     ax.axhline(0.1, color="gray", ls=":", lw=1, label="chance")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
     ax.set_ylabel("test accuracy")
     ax.set_title("step MLP with input noise, MNIST")
     ax.legend()
@@ -356,20 +358,38 @@ def snn(runner: Runner) -> dict:
 
 
 def _plot_snn(results: dict, path: str) -> None:
+    """Test accuracy per epoch: the mean over seeds, with a band from the lowest to the highest seed
+    where there are several; legends name the data set and the method."""
+    methods = {"lfp": "LFP", "surrogate": "surrogate-gradient descent",
+               "heaviside": "gradient descent through the Heaviside"}
+    datasets = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+    def label(stem: str, group: str) -> str:   # snn_cnn_fashion_mnist_lfp -> "Fashion-MNIST, LFP"
+        data, _, method = stem.removeprefix("snn_cnn_" if group == "cnn" else "snn_").rpartition("_")
+        method = methods.get(method, method)
+        return method if group == "mlp" else f"{datasets.get(data, data)}, {method}"
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, (group, title) in zip(axes, (("mlp", "LIF-MLP 784-1000-10, MNIST (3 seeds)"),
-                                         ("cnn", "LIF CNN (seed 0)"))):
+    for ax, (group, title) in zip(axes, (("mlp", "LIF-MLP 784-1000-10, MNIST"), ("cnn", "LIF CNN"))):
+        banded = False
         for stem, entry in results[group].items():
             curves = [c for c in entry["curves"] if c]
             if not curves:
                 continue
             n = min(len(c) for c in curves)
-            mean = np.mean([c[:n] for c in curves], axis=0)
-            ax.plot(np.arange(1, n + 1), mean, marker="o", label=stem.replace("snn_", ""))
+            arr = np.array([c[:n] for c in curves])
+            x = np.arange(1, n + 1)
+            seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+            line, = ax.plot(x, arr.mean(0), marker="o", label=f"{label(stem, group)} ({seeds})")
+            if len(curves) > 1:
+                ax.fill_between(x, arr.min(0), arr.max(0), color=line.get_color(), alpha=0.2, lw=0)
+                banded = True
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
         ax.set_ylabel("test accuracy")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="mean over seeds; band: lowest to highest" if banded else None,
+                  title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -418,7 +438,9 @@ def transformers(runner: Runner) -> dict:
 
 
 def _plot_transformers(results: dict, path: str) -> None:
-    panels = [(stem, f"ViT, {stem[4:].replace('_', '-')}") for stem in VIT] + [("lm", "decoder, fortunes")]
+    names = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+    panels = [(stem, f"ViT, {names.get(stem[4:], stem[4:])}") for stem in VIT]
+    panels.append(("lm", "decoder, fortunes"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4))
     labels = {"lfp": "LFP (AttnLRP rules)", "gd": "gradient descent", "lfp_reference": "LFP (reference ViT)"}
     for ax, (key, title) in zip(axes, panels):
@@ -435,11 +457,13 @@ def _plot_transformers(results: dict, path: str) -> None:
                 n = min(len(c) for c in curves)
                 arr = np.array([c[:n] for c in curves])
                 x = np.arange(1, n + 1)
-                ax.plot(x, arr.mean(0), marker="o", label=f"{labels[method]} ({len(curves)} seeds)")
+                seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+                ax.plot(x, arr.mean(0), marker="o", label=f"{labels[method]} ({seeds})")
                 if len(curves) > 1:
                     ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2)
             ax.set_ylabel("test accuracy")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
