@@ -33,6 +33,7 @@ Example::
     save_heatmap("heatmap.png", relevance[0], cmap="coldnhot", scale=8)
 
 :func:`grid` draws several samples and presets in one labelled figure (``python -m experiments.explain``).
+:func:`tokens` colours the tokens of a text by their relevance (HTML in notebooks, PNG or PDF).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COLDNHOT", "grid", "heatmap", "normalize", "reduce_channels", "register_colormaps",
-           "save_heatmap"]
+__all__ = ["COLDNHOT", "TokenHeatmap", "grid", "heatmap", "normalize", "reduce_channels",
+           "register_colormaps", "save_heatmap", "tokens"]
 
 #: Name under which :func:`register_colormaps` registers the hot-cold map with matplotlib.
 COLDNHOT = "coldnhot"
@@ -311,3 +312,183 @@ def grid(images: Any, heatmaps_by_name: Mapping[str, Any], path: str | os.PathLi
         bar.set_label("relevance / max |relevance| per image" if level is None else
                       f"relevance / {level:g}th percentile of |relevance| per image", fontsize=6, labelpad=1)
     fig.savefig(os.fspath(path), dpi=dpi, format="png")
+
+
+# -- tokens -------------------------------------------------------------------------------------------
+
+_VISIBLE = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
+
+
+def _token_colours(relevance: Any, cmap: Any, level: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised relevance ``(T,)`` in [-1, 1], RGB uint8 colours ``(T, 3)``) of one sequence."""
+    r = np.asarray(relevance, dtype=np.float64)
+    if r.ndim != 1:
+        raise ValueError(f"token relevance must be one value per token, shape (T,), got {r.shape}: "
+                         f"index one sequence of a batch, and sum embedding features first (lrp does)")
+    n = normalize(r[None, :, None], level, channel_axis=None)[0, :, 0] if r.size else r
+    lut = _colormap(cmap).resampled(_LUT_SIZE)(np.arange(_LUT_SIZE))[:, :3]
+    lut = np.rint(lut * 255).astype(np.uint8)
+    return n, lut[np.rint((n + 1.0) / 2.0 * (_LUT_SIZE - 1)).astype(np.intp)]
+
+
+def _ink(rgb: np.ndarray) -> str:
+    """Black or white text, whichever reads better on ``rgb`` (relative luminance, WCAG)."""
+    c = rgb / 255.0
+    lin = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return "#000000" if 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2] > 0.179 else "#ffffff"
+
+
+class TokenHeatmap:
+    r"""Tokens coloured by relevance: HTML in notebooks (``_repr_html_``), PNG or PDF through matplotlib.
+
+    Relevance is normalised symmetrically as for images (:func:`normalize`: ``R / max|R|``, or a
+    percentile with ``level``), so 0 is the colour map's centre (white for ``"bwr"``) and the sign is
+    kept. The explained token (the prediction at the end, or a token of the text) is drawn with a frame.
+
+    Args:
+      tokens: the tokens as strings, e.g. ``[tokenizer.decode(t) for t in ids]`` or the characters of a
+        character model.
+      relevance: ``(T,)`` one value per token (``lrp`` of token ids returns this shape).
+      explained: what is explained. Either an index into ``tokens`` (framed), or a string, shown framed
+        after the text (the predicted next token).
+      cmap, level: see :func:`heatmap`.
+      title: a caption above the tokens.
+    """
+
+    def __init__(self, tokens: Sequence[str], relevance: Any, explained: int | str | None = None,
+                 cmap: Any = "bwr", level: float | None = None, title: str | None = None):
+        self.tokens = [str(t) for t in tokens]
+        if len(self.tokens) != int(np.size(relevance)):
+            raise ValueError(f"{len(self.tokens)} tokens but {np.size(relevance)} relevance values")
+        if isinstance(explained, (int, np.integer)) and not -len(self.tokens) <= explained < len(self.tokens):
+            raise ValueError(f"explained={explained} is not an index of the {len(self.tokens)} tokens")
+        self.relevance = np.asarray(relevance, dtype=np.float64).reshape(-1)
+        self.explained = explained
+        self.cmap, self.level, self.title = cmap, level, title
+        self.normalized, self.colours = _token_colours(self.relevance, cmap, level)
+
+    def _framed(self, i: int) -> bool:
+        return isinstance(self.explained, (int, np.integer)) and i == self.explained % len(self.tokens)
+
+    def to_html(self) -> str:
+        """A self-contained HTML fragment (inline styles; long text wraps). Each token's tooltip shows
+        its relevance."""
+        import html
+
+        spans = []
+        for i, (tok, rgb, r) in enumerate(zip(self.tokens, self.colours, self.relevance)):
+            text = "".join(_VISIBLE.get(ch, ch) for ch in tok)
+            frame = "outline:2px solid #000;outline-offset:-1px;" if self._framed(i) else ""
+            spans.append(f'<span title="{r:.4g}" style="background:rgb({rgb[0]},{rgb[1]},{rgb[2]});'
+                         f'color:{_ink(rgb)};{frame}">{html.escape(text)}</span>'
+                         + ("<br>" if "\n" in tok else ""))
+        after = ""
+        if isinstance(self.explained, str):
+            after = (f' <span style="border:2px solid #000;padding:0 3px;margin-left:4px">→ '
+                     f'{html.escape(self.explained)}</span>')
+        caption = (f'<div style="font-size:0.85em;margin-bottom:4px">{html.escape(self.title)}</div>'
+                   if self.title else "")
+        return (f'<div class="lfp-tokens" style="font-family:monospace;white-space:pre-wrap;'
+                f'line-height:1.7;overflow-wrap:anywhere">{caption}{"".join(spans)}{after}</div>')
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def save_html(self, path: str | os.PathLike) -> None:
+        """Write a standalone HTML page with the heatmap."""
+        with open(os.fspath(path), "w", encoding="utf-8") as f:
+            f.write('<!DOCTYPE html><html><head><meta charset="utf-8"><title>token relevance</title></head>'
+                    f'<body style="max-width:50em;margin:1em auto">{self.to_html()}</body></html>')
+
+    def save(self, path: str | os.PathLike, width: float = 7.0, fontsize: float = 11, dpi: int = 200,
+             colorbar: bool = True) -> None:
+        """Write the heatmap as a figure through matplotlib (PNG, PDF or SVG by the file's suffix).
+
+        Tokens are laid out left to right in a monospace font and wrapped at ``width`` inches (and at
+        newlines); each gets a box of its colour.
+        """
+        _matplotlib()
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+        from matplotlib.figure import Figure
+
+        char_w = 0.6 * fontsize / 72        # monospace advance, inches
+        line_h = 1.6 * fontsize / 72
+        margin = 0.15
+        usable = width - 2 * margin
+        items = [("".join(_VISIBLE.get(ch, ch) for ch in t), rgb, self._framed(i), "\n" in t)
+                 for i, (t, rgb) in enumerate(zip(self.tokens, self.colours))]
+        if isinstance(self.explained, str):
+            items.append(("→ " + self.explained, np.array([255, 255, 255], np.uint8), True, False))
+        # wrap between words: a token is moved to the next line with the rest of its word (the tokens
+        # up to the next one holding white space) when they do not fit; a word longer than a line breaks
+        widths = [max(1, len(text)) * char_w for text, *_ in items]
+        ends_word = [(not text.strip()) or text[-1:].isspace() or newline for text, _, _, newline in items]
+        placed, x, row = [], 0.0, 0
+        for i, (text, rgb, framed, newline) in enumerate(items):
+            if isinstance(self.explained, str) and i == len(items) - 1:
+                x += char_w                                   # a gap before the explained token
+            word = 0.0
+            for j in range(i, len(items)):
+                word += widths[j]
+                if ends_word[j]:
+                    break
+            if x > 0 and x + min(word, usable) > usable and (i == 0 or ends_word[i - 1] or x + widths[i] > usable):
+                x, row = 0.0, row + 1
+            placed.append((x, row, widths[i], text, rgb, framed))
+            x += widths[i]
+            if newline:
+                x, row = 0.0, row + 1
+        rows = (placed[-1][1] + 1) if placed else 1
+        top = 0.35 if self.title else margin
+        bottom = 0.55 if colorbar else margin
+        height = top + rows * line_h + bottom
+        fig = Figure(figsize=(width, height))
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+        ax.axis("off")
+        from matplotlib.patches import Rectangle
+
+        for x0, r, w, text, rgb, framed in placed:
+            y0 = top + r * line_h
+            ax.add_patch(Rectangle((margin + x0, y0 + 0.1 * line_h), w, 0.8 * line_h, facecolor=rgb / 255,
+                                   edgecolor="black" if framed else "none", linewidth=1.2 if framed else 0))
+            ax.text(margin + x0 + w / 2, y0 + line_h / 2, text, ha="center", va="center", family="monospace",
+                    fontsize=fontsize, color=_ink(rgb))
+        if self.title:
+            ax.text(margin, 0.2, self.title, fontsize=fontsize * 0.8, va="center")
+        if colorbar:
+            bar_w = min(2.4, width - 0.4)
+            cax = fig.add_axes(((width - bar_w) / 2 / width, 0.3 / height, bar_w / width, 0.08 / height))
+            bar = fig.colorbar(ScalarMappable(Normalize(-1, 1), _colormap(self.cmap)), cax=cax,
+                               orientation="horizontal")
+            bar.set_ticks([-1, 0, 1])
+            bar.ax.tick_params(labelsize=6, length=2, pad=1)
+            bar.set_label("relevance / max |relevance|" if self.level is None else
+                          f"relevance / {self.level:g}th percentile of |relevance|", fontsize=6, labelpad=1)
+        fig.savefig(os.fspath(path), dpi=dpi)
+
+    def treescope(self) -> Any:
+        """The same relevance in treescope's view (needs ``treescope``, installed with penzai): the
+        tokens as a 1-D array of relevance, coloured and labelled by token (``treescope.render_array``
+        with the tokens as axis labels)."""
+        try:
+            import treescope
+        except ImportError as e:
+            raise ImportError("TokenHeatmap.treescope needs treescope (pip install treescope, or penzai)") from e
+        return treescope.render_array(self.relevance, axis_item_labels={0: self.tokens},
+                                      vmin=-np.abs(self.relevance).max(), vmax=np.abs(self.relevance).max())
+
+
+def tokens(tokens: Sequence[str], relevance: Any, explained: int | str | None = None, cmap: Any = "bwr",
+           level: float | None = None, title: str | None = None) -> TokenHeatmap:
+    """Token relevance as a :class:`TokenHeatmap`: displays itself in notebooks, ``.save("x.png")`` or
+    ``.save_html("x.html")`` writes it.
+
+    Example::
+
+        _, per_token = jax.jit(lfp_jax.lrp(lm_fn))(params, ids, target=target)
+        plot.tokens([vocab[i] for i in ids[0]], per_token[0], explained=predicted_text)
+    """
+    return TokenHeatmap(tokens, relevance, explained, cmap, level, title)

@@ -123,3 +123,52 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(ImportError, match=r"pip install matplotlib.*lfp-jax\[plot\]"):
         plot.heatmap(R)
+
+
+def test_token_colours_of_bwr_and_text_ink():
+    # relevance (2, -4, 0, 1): normalised (.5, -1, 0, .25); bwr is blue (0,0,1) - white - red (1,0,0)
+    h = plot.tokens(["a", "b", "c", "d"], np.array([2.0, -4.0, 0.0, 1.0]))
+    np.testing.assert_allclose(h.normalized, [0.5, -1.0, 0.0, 0.25])
+    np.testing.assert_array_equal(h.colours[1], [0, 0, 255])          # most negative: pure blue
+    np.testing.assert_array_equal(h.colours[2], [255, 255, 255])      # zero: white
+    np.testing.assert_array_equal(h.colours[0], [255, 128, 128])      # (0.5 + 1) / 2 = .75: as heatmap()
+    html = h.to_html()
+    assert 'background:rgb(0,0,255);color:#ffffff' in html             # white text on blue
+    assert 'background:rgb(255,255,255);color:#000000' in html         # black text on white
+
+
+def test_token_html_escapes_marks_and_shows_whitespace():
+    h = plot.tokens(["<b>", " x", "\n", "y"], [1.0, 0.0, -1.0, 0.5], explained=-1)
+    html = h._repr_html_()
+    assert "&lt;b&gt;" in html and "<b>" not in html.replace("<br>", "")
+    assert "⏎" in html and "<br>" in html                              # a newline is visible and breaks
+    assert html.count("outline:2px solid") == 1                         # the explained token, framed
+    framed = html.split("outline:2px solid")[0].rsplit("<span", 1)[1]
+    assert "rgb(255,128,128)" in framed                                 # ... is "y", relevance 0.5 of 1
+    nxt = plot.tokens(["a", "b"], [1.0, -1.0], explained="c", title="why c?")
+    assert "→ c" in nxt.to_html() and "why c?" in nxt.to_html()
+
+
+def test_token_figure_wraps_long_text(tmp_path):
+    words = ("relevance " * 40).split(" ")[:-1]
+    toks = [t + " " for t in words]
+    short, long = tmp_path / "short.png", tmp_path / "long.png"
+    plot.tokens(toks[:3], np.ones(3), explained="x").save(short, width=6, dpi=50)
+    plot.tokens(toks, np.linspace(-1, 1, len(toks)), explained="x").save(long, width=6, dpi=50)
+    a, b = matplotlib.image.imread(short), matplotlib.image.imread(long)
+    assert a.shape[1] == b.shape[1] == 300                              # 6 inches at 50 dpi, wrapped
+    line = 1.6 * 11 / 72 * 50                                           # one line of 11 pt text, pixels
+    # 40 words of 10 characters at 6.6 pt each (0.917 in): 6 per 5.7-inch line, so 7 lines against 1
+    assert b.shape[0] - a.shape[0] == pytest.approx(6 * line, abs=2)
+    pdf = tmp_path / "t.pdf"
+    plot.tokens(toks[:5], np.ones(5)).save(pdf)
+    assert pdf.read_bytes().startswith(b"%PDF")
+
+
+def test_token_errors():
+    with pytest.raises(ValueError, match="3 tokens but 2"):
+        plot.tokens(["a", "b", "c"], [1.0, 2.0])
+    with pytest.raises(ValueError, match="not an index"):
+        plot.tokens(["a"], [1.0], explained=3)
+    with pytest.raises(ValueError, match="one value per token"):
+        plot.TokenHeatmap(["a", "b"], np.ones((1, 2)).T.reshape(2, 1).repeat(2, 1)[:1])
