@@ -358,6 +358,9 @@ class TokenHeatmap:
     def __init__(self, tokens: Sequence[str], relevance: Any, explained: int | str | None = None,
                  cmap: Any = "bwr", level: float | None = None, title: str | None = None):
         self.tokens = [str(t) for t in tokens]
+        if np.ndim(relevance) != 1:
+            raise ValueError(f"token relevance must be one value per token, shape (T,), got "
+                             f"{np.shape(relevance)}: index one sequence of a batch")
         if len(self.tokens) != int(np.size(relevance)):
             raise ValueError(f"{len(self.tokens)} tokens but {np.size(relevance)} relevance values")
         if isinstance(explained, (int, np.integer)) and not -len(self.tokens) <= explained < len(self.tokens):

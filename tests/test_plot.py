@@ -171,4 +171,4 @@ def test_token_errors():
     with pytest.raises(ValueError, match="not an index"):
         plot.tokens(["a"], [1.0], explained=3)
     with pytest.raises(ValueError, match="one value per token"):
-        plot.TokenHeatmap(["a", "b"], np.ones((1, 2)).T.reshape(2, 1).repeat(2, 1)[:1])
+        plot.tokens(["a", "b"], np.ones((1, 2)))                       # a batch of one, not indexed
