@@ -1,7 +1,7 @@
 """Perturbation curves per second: ``lfp_jax.metrics`` (one jitted program per batch) against a NumPy
 loop over steps.
 
-    python -m benchmarks.faithfulness [--models lenet,vit] [--batch 64] [--steps 28] [--repeats 5]
+    python -m benchmarks.faithfulness [--models lenet,vit] [--batch 8,64] [--steps 28] [--repeats 5]
         [--json benchmarks/results/faithfulness_cpu.json]
 
 The loop is how PyTorch attribution toolboxes compute a pixel-flipping curve. They sort each example's
@@ -103,18 +103,19 @@ def bench(name: str, batch: int, steps: int, repeats: int) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="lenet,vit")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", default="8,64", help="batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = []
     for name in args.models.split(","):
-        rows.append(bench(name, args.batch, args.steps, args.repeats))
-        r = rows[-1]
-        print(f"{name}: batched {r['batched_s']:.3f} s ({r['batched_curves_per_s']:.1f} curves/s), "
-              f"loop {r['loop_s']:.3f} s ({r['loop_curves_per_s']:.1f} curves/s), x{r['speedup']:.2f}",
-              flush=True)
+        for batch in (int(b) for b in args.batch.split(",")):
+            rows.append(bench(name, batch, args.steps, args.repeats))
+            r = rows[-1]
+            print(f"{name}, batch {batch}: batched {r['batched_s']:.3f} s ({r['batched_curves_per_s']:.1f} "
+                  f"curves/s), loop {r['loop_s']:.3f} s ({r['loop_curves_per_s']:.1f} curves/s), "
+                  f"x{r['speedup']:.2f}", flush=True)
     print("\n| model | batch | steps | metrics (one program) curves/s | NumPy loop curves/s | speed-up |\n"
           "|---|---|---|---|---|---|")
     for r in rows:

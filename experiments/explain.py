@@ -1,4 +1,5 @@
-"""LRP heatmaps of an MNIST LeNet for several presets: ``python -m experiments.explain``.
+"""LRP heatmaps of an MNIST LeNet for several presets, or next-character explanations of the
+character language model: ``python -m experiments.explain``.
 
     python -m experiments.explain [--config configs/mnist_lenet_gd.yaml] [--epochs N] [--samples 8]
                                   [--presets attn_lrp,epsilon_plus,...] [--out results/explain]
@@ -16,6 +17,12 @@
    preset, relevance summed over channels and divided by its maximum magnitude per image, see
    :mod:`lfp_jax.plot`) and ``results.json`` (per preset and sample: Σ relevance, the target logit and
    their ratio, which is 1 for a conservative composite without biases or stabilisers).
+
+With the language model's config (``--config configs/gpt_text_gd.yaml``): ``--samples`` held-out
+windows of the test text, each ending inside a sentence. For each, the relevance of every character for
+the logit of the predicted next character is coloured on the text (:func:`lfp_jax.plot.tokens`),
+under the AttnLRP preset unless ``--presets`` says otherwise. The outputs are ``tokens.html``,
+``tokens_<preset>.png`` and ``results.json``.
 
 Presets (:mod:`lfp_jax.composites`): ``attn_lrp`` (ε everywhere) and zennit's ``epsilon_plus``,
 ``epsilon_plus_flat``, ``epsilon_alpha2_beta1``, ``epsilon_alpha2_beta1_flat`` and
@@ -180,6 +187,69 @@ def relevance_by_preset(fun, params, x: np.ndarray, targets: np.ndarray, presets
     return relevance, report
 
 
+def pick_sentences(x_test: np.ndarray, n: int) -> np.ndarray:
+    """Indices of ``n`` held-out windows that end inside a sentence, after at least 20 characters of it
+    (the explained next character then has a sentence to rest on), spread over the test text."""
+    texts = [data_lib.decode_text(w) for w in x_test]
+    good = [i for i, t in enumerate(texts)
+            if len(t.rstrip()) == len(t) and "\n" not in t[-20:] and "." not in t[-20:] and t[-1].isalpha()]
+    good = good or list(range(len(texts)))
+    return np.asarray([good[k * len(good) // n] for k in range(n)], dtype=np.int64)
+
+
+def explain_text(trainer: Trainer, summary: dict, samples: int, presets, out_dir: str, cmap: str,
+                 level: float | None, progress: bool) -> dict:
+    """Next-character explanations of a character language model: for held-out windows, the relevance
+    of each character for the logit of the predicted next character (``lfp_jax.targets.token`` at the
+    last position), one jitted ``lfp_jax.lrp`` per preset. Writes ``tokens.html`` (every sample and
+    preset), ``tokens_<preset>.png`` (the samples of one preset) and ``results.json``."""
+    from experiments.models import encode_inputs
+
+    data = trainer.data
+    idx = pick_sentences(data.x_test, samples)
+    ids = jnp.asarray(data.x_test[idx])
+    x = encode_inputs(trainer.model, ids, trainer.eval_key)            # one-hot characters (B, T, V)
+    fun = model_fn(trainer)
+    logits = fun(trainer.params, x)
+    predicted = jnp.argmax(logits[:, -1], axis=-1)
+    target = lfp_jax.targets.token(logits, predicted, position=-1)
+    os.makedirs(out_dir, exist_ok=True)
+    report, pages = {}, []
+    for name in presets:
+        _, r = jax.jit(lfp_jax.lrp(fun, composite(name, -1.0, 1.0)))(trainer.params, x, target=target)
+        per_char = np.asarray(r, np.float64).sum(-1)                   # (B, T): one value per character
+        maps = []
+        for b in range(len(idx)):
+            chars = list(data_lib.decode_text(np.asarray(ids[b])))
+            nxt = data_lib.decode_text([int(predicted[b])])
+            truth = data_lib.decode_text([int(data.y_test[idx[b], -1])])
+            maps.append(plot.tokens(chars, per_char[b], explained=nxt, cmap=cmap, level=level,
+                                    title=f"{name}: why {nxt!r} next? (held-out text; the next character "
+                                          f"is {truth!r}; logit {float(logits[b, -1, predicted[b]]):.2f})"))
+        png = os.path.join(out_dir, f"tokens_{name}.png")
+        maps[0].save(png)
+        pages.extend(m.to_html() for m in maps)
+        report[name] = {"png": png, "relevance_sum": [float(v) for v in per_char.sum(1)],
+                        "target_logit": [float(logits[b, -1, predicted[b]]) for b in range(len(idx))]}
+    html_path = os.path.join(out_dir, "tokens.html")
+    with open(html_path, "w", encoding="utf-8") as f:
+        f.write('<!DOCTYPE html><html><head><meta charset="utf-8"><title>next-character explanations</title>'
+                '</head><body style="max-width:50em;margin:1em auto">'
+                + "<hr>".join(pages) + "</body></html>")
+    result = {"model": {k: summary[k] for k in ("name", "method", "dataset", "model", "epochs", "run_dir")},
+              "samples": [int(i) for i in idx], "predictions": data_lib.decode_text(np.asarray(predicted)),
+              "presets": report, "html": html_path}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if progress:
+        for name, rep in report.items():
+            print(f"{name}: Σ R / logit = "
+                  + ", ".join(f"{a / b:.3f}" for a, b in zip(rep["relevance_sum"], rep["target_logit"])))
+        print(f"wrote {html_path} and {', '.join(r['png'] for r in report.values())}")
+    print(json.dumps({"html": html_path, "presets": list(report), "samples": len(idx)}))
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="the training run (a YAML file in configs/)")
@@ -213,6 +283,10 @@ def main(argv=None) -> dict:
         trainer, summary = trained_model(cfg, args.epochs, retrain=args.retrain, progress=progress)
     except data_lib.DatasetNotFound as e:
         raise SystemExit(f"dataset not available: {e}") from None
+    if cfg["model"]["name"] == "gpt":    # a character language model: next-character explanations
+        text_presets = presets if args.presets != ",".join(PRESETS) else ["attn_lrp"]
+        return explain_text(trainer, summary, args.samples, text_presets, args.out, args.cmap, args.level,
+                            progress)
     data = trainer.data
     idx = pick_samples(data.y_test, args.samples)
     x, y = data.x_test[idx], data.y_test[idx]

@@ -6,6 +6,7 @@
     python -m experiments.study rewards       # non-differentiable rewards (misclassification, ...)
     python -m experiments.study snn           # spiking (LIF) networks: LFP vs surrogate gradients
     python -m experiments.study transformers  # ViT (MNIST, Fashion-MNIST) and a character-level decoder
+    python -m experiments.study faithfulness  # perturbation curves: LRP presets against baselines
     python -m experiments.study all
 
 Options: ``--seeds N`` (default 3), ``--force`` (retrain runs that already have a summary),
@@ -471,8 +472,15 @@ def _plot_transformers(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def faithfulness(runner: Runner) -> dict:
+    """Perturbation curves of LRP and baseline attributions (see :mod:`experiments.faithfulness`)."""
+    from experiments import faithfulness as study
+
+    return study.faithfulness(runner)
+
+
 STUDIES = {"compare": compare, "activations": activations, "pruning": pruning_study, "rewards": rewards,
-           "snn": snn, "transformers": transformers}
+           "snn": snn, "transformers": transformers, "faithfulness": faithfulness}
 
 
 def main(argv=None) -> None:
@@ -482,6 +490,8 @@ def main(argv=None) -> None:
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="faithfulness: held-out examples per model and seed (default 128)")
     parser.add_argument("--out-dir", default="runs")
     parser.add_argument("--results", default="results")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
