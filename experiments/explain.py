@@ -202,7 +202,7 @@ def explain_text(trainer: Trainer, summary: dict, samples: int, presets, out_dir
     """Next-character explanations of a character language model: for held-out windows, the relevance
     of each character for the logit of the predicted next character (``lfp_jax.targets.token`` at the
     last position), one jitted ``lfp_jax.lrp`` per preset. Writes ``tokens.html`` (every sample and
-    preset), ``tokens_<preset>.png`` (the samples of one preset) and ``results.json``."""
+    preset), ``tokens_<preset>.png`` (the first sample under one preset) and ``results.json``."""
     from experiments.models import encode_inputs
 
     data = trainer.data

@@ -331,6 +331,11 @@ def _token_colours(relevance: Any, cmap: Any, level: float | None) -> tuple[np.n
     return n, lut[np.rint((n + 1.0) / 2.0 * (_LUT_SIZE - 1)).astype(np.intp)]
 
 
+def _shown(token: str) -> str:
+    """The explained token as displayed: white space made visible (a predicted space is ``␣``)."""
+    return "".join(_VISIBLE.get(ch, "␣" if ch == " " else ch) for ch in token) or "∅"
+
+
 def _ink(rgb: np.ndarray) -> str:
     """Black or white text, whichever reads better on ``rgb`` (relative luminance, WCAG)."""
     c = rgb / 255.0
@@ -388,7 +393,7 @@ class TokenHeatmap:
         after = ""
         if isinstance(self.explained, str):
             after = (f' <span style="border:2px solid #000;padding:0 3px;margin-left:4px">→ '
-                     f'{html.escape(self.explained)}</span>')
+                     f'{html.escape(_shown(self.explained))}</span>')
         caption = (f'<div style="font-size:0.85em;margin-bottom:4px">{html.escape(self.title)}</div>'
                    if self.title else "")
         return (f'<div class="lfp-tokens" style="font-family:monospace;white-space:pre-wrap;'
@@ -422,7 +427,7 @@ class TokenHeatmap:
         items = [("".join(_VISIBLE.get(ch, ch) for ch in t), rgb, self._framed(i), "\n" in t)
                  for i, (t, rgb) in enumerate(zip(self.tokens, self.colours))]
         if isinstance(self.explained, str):
-            items.append(("→ " + self.explained, np.array([255, 255, 255], np.uint8), True, False))
+            items.append(("→ " + _shown(self.explained), np.array([255, 255, 255], np.uint8), True, False))
         # wrap between words: a token is moved to the next line with the rest of its word (the tokens
         # up to the next one holding white space) when they do not fit; a word longer than a line breaks
         widths = [max(1, len(text)) * char_w for text, *_ in items]

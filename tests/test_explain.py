@@ -60,3 +60,45 @@ def test_heatmaps_of_an_untrained_lenet(tmp_path):
 def test_unknown_preset_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         explain.main(["--presets", "no_such_preset", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_language_model_explanations_and_token_deletion(tmp_path):
+    """``python -m experiments.explain`` with the decoder's config on a tiny corpus: the token heatmaps,
+    and the faithfulness study's token-deletion evaluation of that model (float32, as the command runs)."""
+    with jax.enable_x64(False):
+        _language_model_explanations_and_token_deletion(tmp_path)
+
+
+def _language_model_explanations_and_token_deletion(tmp_path):
+    from experiments import config as config_lib
+    from experiments import faithfulness
+
+    corpus = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    corpus.write_text(" ".join(rng.choice(["the", "cat", "sat", "on", "a", "mat.", "%\n"], 2500)))
+    overrides = [f"data.root={corpus}", "data.options.context=16", "model.context=16", "model.width=32",
+                 "model.depth=1", "model.heads=2", f"out_dir={tmp_path / 'runs'}", "data.subset=256"]
+    args = ["--config", "configs/gpt_text_gd.yaml", "--epochs", "1", "--samples", "2",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    result = explain.main(args + [a for o in overrides for a in ("--set", o)])
+    html = (tmp_path / "out" / "tokens.html").read_text()
+    assert html.count("→") == 2 and html.count("<span title=") == 2 * 16      # 2 windows of 16 characters
+    png = matplotlib.image.imread(result["presets"]["attn_lrp"]["png"])
+    assert png.ndim == 3 and png.shape[1] > 500
+    assert all(np.isfinite(result["presets"]["attn_lrp"]["relevance_sum"]))
+
+    cfg = config_lib.load("configs/gpt_text_gd.yaml", overrides + ["epochs=1"])
+    trainer, _ = explain.trained_model(cfg, 1, progress=False)
+    res = faithfulness.evaluate(trainer, ["attn_lrp"], "tokens", 4, jax.random.key(0))
+    assert list(res) == ["random", "gradient", "gradient_x_input", "epsilon", "attn_lrp"]
+    first = {name: r["morf"][0] for name, r in res.items()}
+    last = {name: r["morf"][-1] for name, r in res.items()}
+    # every attribution starts from the unperturbed score and ends with every character deleted
+    assert np.ptp(list(first.values())) < 1e-5 and np.ptp(list(last.values())) < 1e-5
+    assert all(len(r["morf"]) == 17 and r["fractions"][-1] == 1.0 for r in res.values())
+    results = {"examples": 4, "models": {"gpt_text_gd": {"epochs": 1, "perturbation": "tokens", "attributions": {
+        k: {**{m: v[m] for m in ("area_between", "auc_morf", "auc_lerf")}, "area_between_std": 0.0,
+            "auc_morf_std": 0.0, "seeds": 1, "curves_seed0": v} for k, v in res.items()}}}}
+    faithfulness.plot_curves(results, tmp_path / "curves.png")
+    assert matplotlib.image.imread(tmp_path / "curves.png").shape[1] > 300

@@ -172,3 +172,8 @@ def test_token_errors():
         plot.tokens(["a"], [1.0], explained=3)
     with pytest.raises(ValueError, match="one value per token"):
         plot.tokens(["a", "b"], np.ones((1, 2)))                       # a batch of one, not indexed
+
+
+def test_explained_white_space_is_visible():
+    assert "→ ␣" in plot.tokens(["a"], [1.0], explained=" ").to_html()
+    assert "→ ⏎" in plot.tokens(["a"], [1.0], explained="\n").to_html()
