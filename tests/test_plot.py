@@ -177,3 +177,10 @@ def test_token_errors():
 def test_explained_white_space_is_visible():
     assert "→ ␣" in plot.tokens(["a"], [1.0], explained=" ").to_html()
     assert "→ ⏎" in plot.tokens(["a"], [1.0], explained="\n").to_html()
+
+
+def test_treescope_view_when_installed():
+    pytest.importorskip("treescope")
+    figure = plot.tokens(["a", "b", "c"], [1.0, -2.0, 0.5]).treescope()
+    html = figure._repr_html_() if hasattr(figure, "_repr_html_") else str(figure)
+    assert "treescope" in html.lower() or len(html) > 100
