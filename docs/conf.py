@@ -53,5 +53,8 @@ python_use_unqualified_type_names = True
 html_theme = "furo"
 html_title = f"lfp_jax {release}"
 html_theme_options = {"navigation_with_keys": True}
+# wide tables and long code lines: a wider content column where the screen has room, wrapping cells
+html_static_path = ["_static"]
+html_css_files = ["lfp.css"]
 pygments_style = "friendly"
 pygments_dark_style = "monokai"

@@ -143,7 +143,9 @@ def plot_curves(results: dict, path: str) -> None:
         return
     cols = min(3, len(models))
     rows = -(-len(models) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 4.9 * rows), squeeze=False)
+    seeds = max(a["seeds"] if isinstance(a["seeds"], int) else len(a["seeds"])
+                for _, e in models for a in e["attributions"].values())
     colours = dict(zip(LABELS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, (stem, entry) in zip(axes.flat, models):
         for name, a in entry["attributions"].items():
@@ -155,7 +157,10 @@ def plot_curves(results: dict, path: str) -> None:
         ax.set_title(TITLES.get(stem, stem), fontsize=9)
         ax.set_xlabel("% of " + ("pixels" if entry["perturbation"] == "pixels" else "characters") + " removed")
         ax.set_ylabel("explained logit (mean)")
-        ax.legend(fontsize=6, title="solid: most relevant first; dashed: least", title_fontsize=6)
+        # below the panel, so that no curve is hidden
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False,
+                  title=f"solid: most relevant first, dashed: least (seed 0); "
+                        f"ΔA: mean of {seeds or 1} seed{'s' if seeds != 1 else ''}", title_fontsize=6.5)
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
     fig.tight_layout()

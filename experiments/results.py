@@ -207,8 +207,9 @@ def _faithfulness_section(folder: str, fa: dict) -> list[str]:
     for stem, entry in fa["models"].items():
         attrs = entry["attributions"]
         n = max(a["seeds"] for a in attrs.values())
-        out += [f"**{TITLES.get(stem, stem)}** ({entry['epochs']} epochs of gradient descent, {n} seed"
-                f"{'s' if n > 1 else ''})", "",
+        epochs = entry["epochs"]
+        out += [f"**{TITLES.get(stem, stem)}** ({epochs} epoch{'s' if epochs != 1 else ''} of gradient "
+                f"descent, {n} seed{'s' if n > 1 else ''})", "",
                 "| attribution | ΔA (larger: more faithful) | A_MoRF (smaller) | A_LeRF (larger) |",
                 "|---|---|---|---|"]
         for name, a in sorted(attrs.items(), key=lambda kv: -kv[1]["area_between"]):

@@ -46,7 +46,9 @@ Groups and replacement:
 
 Example::
 
-    logits = model.apply({"params": params}, images)
+    def apply(params, images):
+        return model.apply({"params": params}, images)
+
     _, rel = jax.jit(lfp_jax.lrp(apply))(params, images, target=labels)
     curves = lfp_jax.metrics.faithfulness(apply, params, images, labels, {"AttnLRP": rel},
                                           group=(1, 1, 1), steps=28)

@@ -496,7 +496,15 @@ def tokens(tokens: Sequence[str], relevance: Any, explained: int | str | None = 
 
     Example::
 
-        _, per_token = jax.jit(lfp_jax.lrp(lm_fn))(params, ids, target=target)
-        plot.tokens([vocab[i] for i in ids[0]], per_token[0], explained=predicted_text)
+        from lfp_jax import plot, targets
+
+        def lm_fn(params, ids):                    # (B, T) token ids -> (B, T, V) logits
+            return lm.apply({"params": params}, ids)
+
+        logits = lm_fn(lm_params, ids)
+        target = targets.token(logits, next_token)   # the next token's logit at the last position
+        _, per_token = jax.jit(lfp_jax.lrp(lm_fn))(lm_params, ids, target=target)
+        vocab = [f"w{i} " for i in range(logits.shape[-1])]
+        plot.tokens([vocab[i] for i in ids[0]], per_token[0], explained=vocab[next_token[0]])
     """
     return TokenHeatmap(tokens, relevance, explained, cmap, level, title)

@@ -6,8 +6,13 @@ directory, so a page is a complete program. Markers are HTML comments (invisible
 documentation site) on the line before a fence:
 
 ``<!-- test: output -->``
-    before a ```` ```text ```` block: what the previous Python block printed, compared as doctest does
-    (``...`` matches anything, whitespace is normalised).
+    before a ```` ```text ```` block: what the previous Python block printed, as the reader sees it (real
+    numbers, no placeholders). The text around the numbers must be the same (runs of whitespace count
+    as one space); each number must agree within a tolerance, ``|got - page| <= atol + rtol * |page|``,
+    by default ``rtol=1e-3, atol=0`` (a float32 result printed to four digits). A block whose numbers
+    vary more (training, timings) says how much: ``<!-- test: output: rtol=0.05 -->``,
+    ``<!-- test: output: rtol=0.02, atol=1e-6 -->``, or ``rtol=inf`` where only the words are checked
+    (timings, memory). ``...`` is compared as written: it is no wildcard.
 ``<!-- test: skip: REASON -->``
     before a Python block that is not run; the reason is required and should say what runs it instead.
 ``<!-- test: requires: MODULE, ... -->``
@@ -15,8 +20,10 @@ documentation site) on the line before a fence:
     ``models`` extra): it runs where they are installed and is skipped where they are not, unless
     ``LFP_DOCS_REQUIRE=1`` is set (the slow suite, which installs them), where a missing one fails.
 
-Shell blocks (```` ```bash ````) are not run (they start training runs); what they name is checked to
-exist: ``python -m MODULE`` must be importable, ``bash scripts/*.sh`` and ``--config FILE`` must exist.
+Shell blocks (```` ```bash ````) are not run (they start training runs, install packages); what they
+name of this repository is checked to exist: ``python -m MODULE`` of its packages (``experiments``,
+``benchmarks``, ...) must be importable, ``bash scripts/*.sh`` and ``--config FILE`` must exist
+(``python -m build`` and other installed tools are not checked).
 
 Usage: ``python tests/_doc_runner.py README.md docs/getting-started/linen.md`` (exit status 1 and the
 failing block's file and line on failure). ``tests/test_docs.py`` runs every page this way.
@@ -26,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import doctest
 import importlib.util
 import io
 import os
@@ -104,6 +110,60 @@ def blocks(path: Path) -> list[Block]:
     return out
 
 
+NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|[-+]?\b(?:nan|inf)\b")
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip("\n").splitlines())
+
+
+def output_tolerance(options: str | None) -> dict[str, float]:
+    """``rtol`` and ``atol`` of an output marker's options (``"rtol=0.05, atol=1e-6"``)."""
+    tolerance = {"rtol": 1e-3, "atol": 0.0}
+    for option in filter(None, (o.strip() for o in (options or "").split(","))):
+        key, _, value = option.partition("=")
+        key = key.strip()
+        if key not in tolerance or not value.strip():
+            raise ValueError(f"unknown output option {option!r}: expected rtol=NUMBER, atol=NUMBER")
+        try:
+            tolerance[key] = float(value)
+        except ValueError:
+            raise ValueError(f"output option {option!r}: {value.strip()!r} is not a number") from None
+    return tolerance
+
+
+def _split_numbers(text: str) -> tuple[list[str], list[str]]:
+    """The text between the numbers (whitespace runs as one space) and the numbers of ``text``."""
+    words, numbers, at = [], [], 0
+    for m in NUMBER.finditer(text):
+        words.append(text[at:m.start()])
+        numbers.append(m.group())
+        at = m.end()
+    words.append(text[at:])
+    return [re.sub(r"\s+", " ", w) for w in words], numbers
+
+
+def compare_output(expected: str, got: str, *, rtol: float = 1e-3, atol: float = 0.0) -> str | None:
+    """``None`` if ``got`` is ``expected`` (the same text around the numbers, whitespace runs counting as
+    one space, each number within ``atol + rtol * |expected|``), else what differs first."""
+    expected, got = expected.strip(), got.strip()
+    want_words, want_numbers = _split_numbers(expected)
+    got_words, got_numbers = _split_numbers(got)
+    if want_words != got_words or len(want_numbers) != len(got_numbers):
+        for k, (a, b) in enumerate(zip(want_words, got_words)):
+            if a != b:
+                return f"the text differs after number {k}: {a!r} on the page, {b!r} printed"
+        return f"{len(want_numbers)} numbers on the page, {len(got_numbers)} printed"
+    for k, (a, b) in enumerate(zip(want_numbers, got_numbers)):
+        x, y = float(a), float(b)
+        if x == y or (x != x and y != y):   # equal, infinities and NaNs included
+            continue
+        if not abs(y - x) <= atol + rtol * abs(x):
+            return (f"number {k + 1} is {b} where the page has {a} "
+                    f"(tolerance atol={atol:g} + rtol={rtol:g} * |{a}|)")
+    return None
+
+
 def check_shell(block: Block) -> list[str]:
     """What a shell block names that does not exist (modules, scripts, config files)."""
     problems = []
@@ -118,7 +178,9 @@ def check_shell(block: Block) -> list[str]:
             words = line.split()
         for k, word in enumerate(words):
             nxt = words[k + 1] if k + 1 < len(words) else ""
-            if word == "-m" and k > 0 and "python" in words[k - 1] and nxt:
+            top = nxt.split(".")[0]
+            if word == "-m" and k > 0 and "python" in words[k - 1] and nxt and \
+                    ((ROOT / top / "__init__.py").is_file() or (ROOT / f"{top}.py").is_file()):  # ours
                 sys.path.insert(0, str(ROOT))
                 try:
                     found = importlib.util.find_spec(nxt) is not None
@@ -151,12 +213,16 @@ def run_page(path: Path) -> list[str]:
                 continue
             if last_output is None:
                 continue   # the block it belongs to failed or was skipped
-            checker = doctest.OutputChecker()
-            flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-            if not checker.check_output(block.code, last_output, flags):
-                diff = checker.output_difference(doctest.Example("", block.code), last_output, flags)
+            try:
+                tolerance = output_tolerance(block.reason)
+            except ValueError as e:
+                problems.append(f"{block.where}: {e}")
+                continue
+            difference = compare_output(block.code, last_output, **tolerance)
+            if difference is not None:
                 problems.append(f"{block.where}: the output of the block at line {last_block.line} differs "
-                                f"from the page\n{diff}")
+                                f"from the page: {difference}\nExpected:\n{_indent(block.code)}\n"
+                                f"Got:\n{_indent(last_output)}")
             continue
         if block.lang not in ("python", "py"):
             continue

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _doc_runner import ROOT, blocks, subprocess_env
+from _doc_runner import ROOT, blocks, compare_output, output_tolerance, subprocess_env
 
 ALL_PAGES = sorted([ROOT / "README.md",
                     *(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)])
@@ -89,12 +89,56 @@ def test_the_runner_fails_on_a_wrong_example(tmp_path):
     assert result.returncode != 0 and "needs a reason" in result.stderr
 
 
-def test_the_runner_passes_a_correct_example_with_ellipsis(tmp_path):
+def test_the_output_comparison_checks_every_number_and_word():
+    """Pages show real output; the text around the numbers must match, each number within tolerance."""
+    page = "epoch 1: test accuracy 0.781\nsum R / logit  0.47 to  2.57   MLP/Dense_0  README.md:98 (float32)"
+    assert compare_output(page, page) is None
+    assert compare_output(page, page.replace("  ", " ") + "\n") is None     # whitespace runs are one space
+    assert compare_output(page, page.replace("0.781", "0.7812")) is None    # within rtol=1e-3 (the default)
+    assert "number 2 is 0.79 where the page has 0.781" in compare_output(page, page.replace("0.781", "0.79"))
+    assert compare_output(page, page.replace("0.781", "0.79"), rtol=0.02) is None   # a block's own rtol
+    assert compare_output(page, page.replace("2.57", "2.58")) is not None
+    assert compare_output(page, page.replace("Dense_0", "Dense_1")) is not None     # digits in names too
+    assert compare_output(page, page.replace(":98", ":99")) is not None             # and line numbers
+    assert "the text differs" in compare_output(page, page.replace("test accuracy", "train accuracy"))
+    assert "the text differs" in compare_output(page, page.replace("float32", "int32"))
+    assert compare_output(page, page + " 5") is not None                            # a number more
+    assert compare_output("loss 0.0", "loss 1e-09", atol=1e-6) is None              # atol near zero
+    assert compare_output("loss 0.0", "loss 1e-09") is not None
+    assert compare_output("median 3.44 ms", "median 91.2 ms", rtol=float("inf")) is None   # timings
+    assert compare_output("median 3.44 ms", "median 91.2 s", rtol=float("inf")) is not None
+    assert compare_output("accuracy ...", "accuracy 0.97") is not None              # no wildcards
+    assert compare_output("kind=...)", "kind=...)") is None                         # literal dots match
+    assert output_tolerance(None) == {"rtol": 1e-3, "atol": 0.0}
+    assert output_tolerance("rtol=0.05, atol=1e-6") == {"rtol": 0.05, "atol": 1e-6}
+    with pytest.raises(ValueError, match="unknown output option"):
+        output_tolerance("tolerance=0.1")
+
+
+def test_the_runner_checks_the_numbers_of_a_page(tmp_path):
+    """A page with the real output passes; a wrong number (beyond the block's tolerance) and a wrong word
+    fail, with the block's file and line."""
+    code = ('```python\nimport jax.numpy as jnp\n'
+            'print("dtype", jnp.ones(2).dtype, "mean", float(jnp.arange(4.0).mean()) / 3)\n```\n')
     page = tmp_path / "page.md"
-    page.write_text('```python\nimport jax.numpy as jnp\nprint("dtype", jnp.ones(2).dtype, 0.9876)\n```\n'
-                    "<!-- test: output -->\n```text\ndtype float32 0.98...\n```\n")
+    page.write_text(code + "<!-- test: output -->\n```text\ndtype float32 mean 0.5\n```\n"
+                    + code + "<!-- test: output: rtol=0.05 -->\n```text\ndtype float32 mean 0.52\n```\n")
     result = run_pages(page, timeout=120)
     assert result.returncode == 0, result.stderr
+    page.write_text(code + "<!-- test: output -->\n```text\ndtype float32 mean 0.51\n```\n"
+                    + code + "<!-- test: output: rtol=0.05 -->\n```text\ndtype float32 mean 0.6\n```\n"
+                    + code + "<!-- test: output -->\n```text\ndtype float32 median 0.5\n```\n"
+                    + code + "<!-- test: output: rtol=lots -->\n```text\ndtype float32 mean 0.5\n```\n")
+    result = run_pages(page, timeout=120)
+    assert result.returncode == 1
+    # "float32" holds a number too (32): the mean is number 2
+    assert f"{page}:6: the output of the block at line 1 differs from the page: number 2 is 0.5 where the " \
+           f"page has 0.51" in result.stderr
+    assert f"{page}:14: the output of the block at line 9 differs from the page: number 2 is 0.5 where the " \
+           f"page has 0.6" in result.stderr
+    assert f"{page}:22: the output of the block at line 17 differs from the page: the text differs" \
+        in result.stderr
+    assert f"{page}:30: output option 'rtol=lots': 'lots' is not a number" in result.stderr
 
 
 # ---- the examples in the docstrings (the API reference) -------------------------------------------
