@@ -51,14 +51,16 @@ def numpy_curves(score, x, relevance, steps: int, group=None, value=0.0):
             mask = np.zeros((b, n_groups), bool)
             np.put_along_axis(mask, order[:, :n], True, axis=1)
             m = mask.reshape((b,) + tuple(v for k in grid for v in (k, 1)))
-            m = np.broadcast_to(m, (b,) + tuple(v for pair in zip(grid, group) for v in pair)).reshape(x.shape)
+            blocks = (b,) + tuple(v for pair in zip(grid, group) for v in pair)
+            m = np.broadcast_to(m, blocks).reshape(x.shape)
             scores.append(np.asarray(score(np.where(m, value, x))))
         curves.append(np.stack(scores, axis=1))
     return np.arange(steps + 1) / steps, curves[0], curves[1]
 
 
 def _model(name: str, batch: int):
-    kwargs = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "mlp_ratio": 2, "pool": "cls"} if name == "vit" else {}
+    vit = {"patch": 7, "width": 64, "depth": 4, "heads": 4, "mlp_ratio": 2, "pool": "cls"}
+    kwargs = vit if name == "vit" else {}
     model = models.build(name, 10, **kwargs)
     x = jax.random.uniform(jax.random.key(1), (batch, 28, 28, 1), minval=-1, maxval=1)
     params = model.init(jax.random.key(0), x)["params"]

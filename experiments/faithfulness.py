@@ -155,7 +155,8 @@ def plot_curves(results: dict, path: str) -> None:
                     label=f"{LABELS.get(name, name)}: ΔA {a['area_between']:.2f}")
             ax.plot(f, c["lerf"], color=colours.get(name), lw=1.2, ls="--")
         ax.set_title(TITLES.get(stem, stem), fontsize=9)
-        ax.set_xlabel("% of " + ("pixels" if entry["perturbation"] == "pixels" else "characters") + " removed")
+        removed = "pixels" if entry["perturbation"] == "pixels" else "characters"
+        ax.set_xlabel(f"% of {removed} removed")
         ax.set_ylabel("explained logit (mean)")
         # below the panel, so that no curve is hidden
         ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False,

@@ -196,7 +196,8 @@ def _faithfulness_section(folder: str, fa: dict) -> list[str]:
 
     out = ["## Faithfulness of explanations", "",
            "Perturbation curves (`lfp_jax.metrics.faithfulness`, `python -m experiments.study faithfulness`) "
-           f"on {fa['examples']} held-out examples per model and seed. Models are trained by gradient descent "
+           f"on {fa['examples']} held-out examples per model and seed. Models are trained by gradient "
+           "descent "
            "with the study configs, but shorter: LeNet 3 epochs, ViT 2, the character decoder 1. "
            "Images lose 28 pixels per step, each replaced by the image's mean. The character decoder "
            "loses 4 characters per step of its 64, each becoming an all-zero input. The explained score "
@@ -213,7 +214,8 @@ def _faithfulness_section(folder: str, fa: dict) -> list[str]:
                 "| attribution | ΔA (larger: more faithful) | A_MoRF (smaller) | A_LeRF (larger) |",
                 "|---|---|---|---|"]
         for name, a in sorted(attrs.items(), key=lambda kv: -kv[1]["area_between"]):
-            out.append(f"| {LABELS.get(name, name)} | {a['area_between']:.3f} ± {a['area_between_std']:.3f} | "
+            out.append(f"| {LABELS.get(name, name)} | "
+                       f"{a['area_between']:.3f} ± {a['area_between_std']:.3f} | "
                        f"{a['auc_morf']:.3f} ± {a['auc_morf_std']:.3f} | {a['auc_lerf']:.3f} |")
         best = max(attrs, key=lambda k: attrs[k]["area_between"])
         line = f"Most faithful by ΔA: {LABELS.get(best, best)}"

@@ -466,7 +466,8 @@ def faithfulness(fun: Callable, params: Any, x: Any, target: Any,
     """
     x = jnp.asarray(x)
     if baselines is None:
-        baselines = tuple(b for b in BASELINES if not (b == "gradient" and jnp.issubdtype(x.dtype, jnp.integer)))
+        ids = jnp.issubdtype(x.dtype, jnp.integer)   # no gradient of token ids
+        baselines = tuple(b for b in BASELINES if not (b == "gradient" and ids))
     w = _weights(fun(params, x), target)
     every = dict(baseline_attributions(fun, params, x, target, tuple(baselines), key=key, epsilon=epsilon))
     for name, rel in (attributions or {}).items():

@@ -441,7 +441,8 @@ class TokenHeatmap:
                 word += widths[j]
                 if ends_word[j]:
                     break
-            if x > 0 and x + min(word, usable) > usable and (i == 0 or ends_word[i - 1] or x + widths[i] > usable):
+            word_start = i == 0 or ends_word[i - 1]
+            if x > 0 and x + min(word, usable) > usable and (word_start or x + widths[i] > usable):
                 x, row = 0.0, row + 1
             placed.append((x, row, widths[i], text, rgb, framed))
             x += widths[i]
@@ -484,7 +485,8 @@ class TokenHeatmap:
         try:
             import treescope
         except ImportError as e:
-            raise ImportError("TokenHeatmap.treescope needs treescope (pip install treescope, or penzai)") from e
+            raise ImportError("TokenHeatmap.treescope needs treescope "
+                              "(pip install treescope, or penzai)") from e
         return treescope.render_array(self.relevance, axis_item_labels={0: self.tokens},
                                       vmin=-np.abs(self.relevance).max(), vmax=np.abs(self.relevance).max())
 

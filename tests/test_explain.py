@@ -97,8 +97,10 @@ def _language_model_explanations_and_token_deletion(tmp_path):
     # every attribution starts from the unperturbed score and ends with every character deleted
     assert np.ptp(list(first.values())) < 1e-5 and np.ptp(list(last.values())) < 1e-5
     assert all(len(r["morf"]) == 17 and r["fractions"][-1] == 1.0 for r in res.values())
-    results = {"examples": 4, "models": {"gpt_text_gd": {"epochs": 1, "perturbation": "tokens", "attributions": {
-        k: {**{m: v[m] for m in ("area_between", "auc_morf", "auc_lerf")}, "area_between_std": 0.0,
-            "auc_morf_std": 0.0, "seeds": 1, "curves_seed0": v} for k, v in res.items()}}}}
+    attributions = {k: {**{m: v[m] for m in ("area_between", "auc_morf", "auc_lerf")},
+                        "area_between_std": 0.0, "auc_morf_std": 0.0, "seeds": 1, "curves_seed0": v}
+                    for k, v in res.items()}
+    results = {"examples": 4, "models": {"gpt_text_gd": {"epochs": 1, "perturbation": "tokens",
+                                                         "attributions": attributions}}}
     faithfulness.plot_curves(results, tmp_path / "curves.png")
     assert matplotlib.image.imread(tmp_path / "curves.png").shape[1] > 300

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
+from _helpers import to64
 
 from benchmarks.faithfulness import numpy_curves
 from experiments import models
 from lfp_jax import metrics
-from _helpers import to64
 
 
 def _linear_curves(r: np.ndarray, counts: np.ndarray):
@@ -91,7 +91,8 @@ def test_jit_equals_eager_and_batch_equals_loop():
     np.testing.assert_allclose(jitted.morf, eager.morf, rtol=1e-10)
     np.testing.assert_allclose(jitted.lerf, eager.lerf, rtol=1e-10)
     for i in range(x.shape[0]):
-        one = metrics.perturbation_curves(lambda x: apply(params, x)[:, labels[i]], x[i:i + 1], rel[i:i + 1],
+        label = labels[i]
+        one = metrics.perturbation_curves(lambda x, c=label: apply(params, x)[:, c], x[i:i + 1], rel[i:i + 1],
                                           steps=8, group=(2, 2, 1), replacement="mean")
         np.testing.assert_allclose(one.morf[0], eager.morf[i], rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(one.lerf[0], eager.lerf[i], rtol=1e-9, atol=1e-9)
