@@ -37,6 +37,7 @@ Groups and replacement:
   is taken whole. Relevance is summed within each group; it may also be passed per group already.
   Integer token ids ``(B, T)`` are grouped per token.
 * ``replacement``: what a removed group becomes.
+
   * ``"zero"``: 0, or token id 0.
   * ``"mean"``: the example's mean over the axes the groups split. For pixels, that is the mean
     colour of the image per channel.

@@ -231,6 +231,9 @@ def test_the_docstrings_have_examples():
     assert {"lfp_jax.lfp_value_and_feedback", "lfp_jax.lrp", "lfp_jax.composites"} <= names
 
 
+# The examples keep Flax's own initialisation of ``net`` (zero biases and BatchNorm offsets), for which
+# a user sees FrozenParameterWarning too: expected here (the warning itself: tests/test_errors.py).
+@pytest.mark.filterwarnings("ignore::lfp_jax.errors.FrozenParameterWarning")
 @pytest.mark.parametrize("where,code", EXAMPLES, ids=[f"{w}-{i}" for i, (w, _) in enumerate(EXAMPLES)])
 def test_docstring_example_runs(where, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # examples may write files (heatmaps)

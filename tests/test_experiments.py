@@ -259,7 +259,8 @@ def test_resume_continues_where_the_checkpoint_stopped(tmp_path, idx_dir, cifar_
     train.train({**cfg, "epochs": 2}, progress=False)          # stop after two epochs ...
     with pytest.raises(train.ConfigChangedError, match=r"epochs: 2 → 3"):  # (a changed config is refused
         train.train(cfg, resume=True, progress=False)                      # unless it is meant)
-    resumed = train.train(cfg, resume=True, allow_config_change=True, progress=False)  # ... continue to 3
+    with pytest.warns(train.ResumeWarning, match=r"with a changed config.*\n +epochs: 2 → 3"):
+        resumed = train.train(cfg, resume=True, allow_config_change=True, progress=False)  # ... to 3
     assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
     with open(os.path.join(resumed["run_dir"], "metrics.jsonl")) as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]

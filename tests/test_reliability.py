@@ -208,7 +208,8 @@ def test_resume_falls_back_to_the_previous_checkpoint_and_ends_with_the_same_par
     with open(latest, "wb") as f:
         f.write(damaged)
     with pytest.warns(train.ResumeWarning, match=r"is damaged.*resuming from the previous checkpoint .*"
-                                                 r"\(epoch 1\) instead; the damaged file is kept"):
+                                                 r"\(epoch 1\) instead; the damaged file is kept"), \
+            pytest.warns(train.ResumeWarning, match=r"metrics.jsonl: dropped the row of epoch 2"):
         train.train(cfg, resume=True, progress=False)  # epoch 2 again, from the checkpoint of epoch 1
     with open(os.path.join(folder, train.DAMAGED), "rb") as f:
         assert f.read() == damaged

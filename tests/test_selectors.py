@@ -122,6 +122,8 @@ def test_an_activation_written_with_jnp_select_is_refused_not_given_the_gradient
         lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, reward_argnums=(2,))(P, x, y)
 
 
+# the preset's other entries (spiking, pooling, ...) select no site of this model: expected
+@pytest.mark.filterwarnings("ignore::lfp_jax.errors.UnmatchedRuleWarning")
 def test_a_float_mask_of_another_value_is_a_product_and_without_its_rule_the_error_says_how_to_mask():
     def fun(p, x):
         return (x @ p["w1"]) * (x @ p["a"][:5] > 0).astype(x.dtype) @ p["w2"]
