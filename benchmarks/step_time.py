@@ -1,6 +1,7 @@
 """LFP step against gradient step: median step time, first call, peak memory.
 
-    python -m benchmarks.step_time [--models mlp,lenet,cifar_vgg,resnet18,snn_mlp,snn_cnn,vit,gpt]
+    python -m benchmarks.step_time [--models mlp,lenet,cifar_vgg,resnet18,snn_mlp,snn_cnn,vit,gpt,
+        llama,gemma,bert,llama_bf16,gemma_bf16,bert_bf16]
         [--batch 128] [--steps 30] [--min-seconds 10] [--max-seconds 240] [--json out.json]
         [--reference-python /path/to/python]
 
@@ -17,9 +18,16 @@ models: many more steps), at most ``--max-seconds`` (at least 5 each). The table
 * with ``--reference-python``, the reference implementation's (lfprop, PyTorch) LFP and gradient step
   on the same shapes, run by ``tools/lfprop_reference/step_time.py`` in that interpreter.
 
+Language models as people write them (:mod:`benchmarks.language_models`: token ids looked up in an
+``nn.Embed`` table): ``llama``, ``gemma`` and ``bert``, width 256, 4 layers, 8 heads, sequence 128,
+vocabulary 1024, at their own batch of 16; ``_bf16`` after the name computes in
+bfloat16 with bfloat16 parameters. The reward and the loss cover every position (next token for the
+decoders, the token itself for BERT's masked-language-model head).
+
 The transformers (``vit``: MNIST-sized ViT; ``gpt``: the character decoder with context 64 over 96
-symbols) get a second table: ``lfp_jax.lrp`` (AttnLRP input relevance) against ``jax.grad`` of the
-target logits with respect to the input.
+symbols) and the language models get a second table: ``lfp_jax.lrp`` (AttnLRP relevance of the input,
+per token for token ids) against ``jax.grad`` of the target logits with respect to the input (for
+token ids: with respect to the embedding table, the input's only differentiable representation).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import numpy as np
 import optax
 
 import lfp_jax
+from benchmarks import language_models
 from experiments import models
 
 SHAPES = {"mlp": (28, 28, 1), "lenet": (28, 28, 1), "cifar_vgg": (32, 32, 3), "resnet": (32, 32, 3),
@@ -45,6 +54,19 @@ SHAPES = {"mlp": (28, 28, 1), "lenet": (28, 28, 1), "cifar_vgg": (32, 32, 3), "r
           "gpt": (64,)}
 CLASSES = {"gpt": 96}  # the GPT decoder's vocabulary; every other model: 10 classes
 REFERENCE_MODELS = {"mlp", "lenet"}
+LANGUAGE_MODELS = tuple(n + dt for n in language_models.MODELS for dt in ("", "_bf16"))
+SHAPES.update({name: (language_models.SIZE["seq"],) for name in LANGUAGE_MODELS})
+
+
+def _language_model(name: str):
+    """The language model of a row name (``llama``, ``gemma_bf16``, ...), its ``fun(params, ids)``,
+    parameters, inputs and labels."""
+    base, _, dtype = name.partition("_")
+    model = language_models.build(base, jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+    ids = language_models.batch(jax.random.key(2))
+    x, y = ids[:, :-1], (ids[:, :-1] if base == "bert" else ids[:, 1:])
+    params = language_models.init(model, jax.random.key(0), x)
+    return (lambda p, x: model.apply({"params": p}, x)), params, x, y
 
 
 def _steps(name: str, batch: int):
@@ -54,6 +76,8 @@ def _steps(name: str, batch: int):
     reward; the gradient step the same network with the arc-tangent surrogate and the cross-entropy
     rate loss (surrogate-gradient descent, the baseline LFP is compared with).
     """
+    if name in LANGUAGE_MODELS:
+        return _language_model_steps(name)
     spiking = name in models.SPIKING
     model = models.build(name, CLASSES.get(name, 10))
     grad_model = models.build(name, 10, surrogate="atan") if spiking else model
@@ -93,6 +117,30 @@ def _steps(name: str, batch: int):
     return params, opt.init(params), x, y, lfp_step, grad_step
 
 
+def _language_model_steps(name: str):
+    """:func:`_steps` for a language model: LFP against the mean cross-entropy over every position."""
+    fun, params, x, y = _language_model(name)
+    opt = optax.sgd(0.01, momentum=0.9)
+    lfp = lfp_jax.lfp_value_and_grad(fun, lfp_jax.rewards.softmax_loss, reward_argnums=(2,),
+                                     allow_frozen=True)
+
+    def loss(p, x, y):
+        z = fun(p, x).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+    def lfp_step(p, s, x, y):
+        _, g = lfp(p, x, y)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def grad_step(p, s, x, y):
+        g = jax.grad(loss)(p, x, y)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return params, opt.init(params), x, y, lfp_step, grad_step
+
+
 def _batch(name: str, model, batch: int):
     """Inputs and labels of one batch: images and class labels, or one-hot text and next characters."""
     if name == "gpt":
@@ -104,17 +152,24 @@ def _batch(name: str, model, batch: int):
 def bench_lrp(name: str, batch: int, steps: int) -> dict:
     """``lfp_jax.lrp`` (AttnLRP input relevance, one backward pass) against ``jax.grad`` of the target
     logits with respect to the input, both jitted, timed alternately."""
-    model = models.build(name, CLASSES.get(name, 10))
-    x, y = _batch(name, model, batch)
-    params = model.init(jax.random.key(0), x)["params"]
-    fun = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    if name in LANGUAGE_MODELS:
+        fun, params, x, y = _language_model(name)
+        batch = x.shape[0]
+    else:
+        model = models.build(name, CLASSES.get(name, 10))
+        x, y = _batch(name, model, batch)
+        params = model.init(jax.random.key(0), x)["params"]
+        fun = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    ids = jnp.issubdtype(x.dtype, jnp.integer)
     explain = jax.jit(lambda p, x, y: lfp_jax.lrp(fun)(p, x, target=y)[1])
 
     def target_logits(p, x, y):
         z = fun(p, x)
         return jnp.sum(jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype) * z)
 
-    grad = jax.jit(jax.grad(target_logits, argnums=1))
+    # token ids have no gradient: the gradient with respect to the parameters stands in (the embedding
+    # table's is the input's representation; the rest costs what the backward pass costs anyway)
+    grad = jax.jit(jax.grad(target_logits, argnums=0 if ids else 1))
     times = {"lrp": [], "grad": []}
     for fn in (explain, grad):
         jax.block_until_ready(fn(params, x, y))
@@ -128,7 +183,7 @@ def bench_lrp(name: str, batch: int, steps: int) -> dict:
             "ratio": med["lrp"] / med["grad"]}
 
 
-LRP_MODELS = ("vit", "gpt")
+LRP_MODELS = ("vit", "gpt") + LANGUAGE_MODELS
 
 
 def _first_call(step, *args):
@@ -171,7 +226,8 @@ def bench(name: str, batch: int, steps: int, max_seconds: float = float("inf"),
     med = {k: float(np.median(v)) for k, v in times.items()}
     mem = {"lfp": _peak_bytes(lfp_c), "grad": _peak_bytes(grad_c)}
     return {
-        "model": name, "batch": batch, "device": jax.devices()[0].device_kind, "steps": len(times["lfp"]),
+        "model": name, "batch": int(x.shape[0]), "device": jax.devices()[0].device_kind,
+        "steps": len(times["lfp"]),
         "lfp_ms": 1e3 * med["lfp"], "grad_ms": 1e3 * med["grad"], "ratio": med["lfp"] / med["grad"],
         "lfp_first_s": lfp_first, "grad_first_s": grad_first, "first_ratio": lfp_first / grad_first,
         "lfp_bytes": mem["lfp"], "grad_bytes": mem["grad"],
@@ -224,7 +280,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="mlp,lenet,cifar_vgg,resnet18,snn_mlp,snn_cnn,vit,gpt",
+    parser.add_argument("--models", default="mlp,lenet,cifar_vgg,resnet18,snn_mlp,snn_cnn,vit,gpt," +
+                        ",".join(LANGUAGE_MODELS),
                         help=f"comma-separated, from {sorted(SHAPES)}")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method (at least)")

@@ -9,8 +9,10 @@ talks to this module.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
+import sys
 from typing import Any
 
 from jax.extend import core as jex
@@ -73,13 +75,19 @@ _FRAMEWORK_PARTS = ("/penzai/core/",)  # penzai's named-axis machinery (its laye
 
 @functools.cache
 def _library_dirs() -> tuple[str, ...]:
+    # located, not imported: importing equinox here cost a model's first call a second
     dirs = [_HERE]
     for mod in _FRAMEWORKS:
-        try:
-            module = __import__(mod)
-        except ImportError:  # pragma: no cover - optional
-            continue
-        dirs.append(os.path.dirname(os.path.abspath(module.__file__)))
+        module = sys.modules.get(mod)
+        origin = getattr(module, "__file__", None)
+        if origin is None:
+            try:
+                spec = importlib.util.find_spec(mod)
+            except (ImportError, ValueError):  # pragma: no cover - optional
+                spec = None
+            origin = spec.origin if spec is not None else None
+        if origin:
+            dirs.append(os.path.dirname(os.path.abspath(origin)))
     return tuple(d + os.sep for d in dirs)   # a directory, not a prefix (numpyro is no numpy)
 
 
