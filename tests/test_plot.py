@@ -179,6 +179,9 @@ def test_explained_white_space_is_visible():
     assert "→ ⏎" in plot.tokens(["a"], [1.0], explained="\n").to_html()
 
 
+# treescope reads numpy's deprecated chararray while it indexes numpy (numpy >= 2.3, Python 3.12's
+# environment): treescope's warning, not ours
+@pytest.mark.filterwarnings("ignore:The chararray class is deprecated:DeprecationWarning")
 def test_treescope_view_when_installed():
     pytest.importorskip("treescope")
     figure = plot.tokens(["a", "b", "c"], [1.0, -2.0, 0.5]).treescope()
