@@ -27,7 +27,8 @@ decoders, the token itself for BERT's masked-language-model head).
 The transformers (``vit``: MNIST-sized ViT; ``gpt``: the character decoder with context 64 over 96
 symbols) and the language models get a second table: ``lfp_jax.lrp`` (AttnLRP relevance of the input,
 per token for token ids) against ``jax.grad`` of the target logits with respect to the input (for
-token ids: with respect to the embedding table, the input's only differentiable representation).
+token ids: with respect to the token embedding table alone, the input's only differentiable
+representation).
 """
 
 from __future__ import annotations
@@ -167,9 +168,20 @@ def bench_lrp(name: str, batch: int, steps: int) -> dict:
         z = fun(p, x)
         return jnp.sum(jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype) * z)
 
-    # token ids have no gradient: the gradient with respect to the parameters stands in (the embedding
-    # table's is the input's representation; the rest costs what the backward pass costs anyway)
-    grad = jax.jit(jax.grad(target_logits, argnums=0 if ids else 1))
+    if ids:  # token ids have no gradient: the gradient with respect to the token embedding table stands
+        # in (the input's representation; the other parameters' gradients are not computed)
+        leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+        k = next(i for i, (path, _) in enumerate(leaves) if "embed" in jax.tree_util.keystr(path))
+
+        def of_table(table, p, x, y):
+            flat = [leaf for _, leaf in leaves]
+            flat[k] = table
+            return target_logits(jax.tree_util.tree_unflatten(tree, flat), x, y)
+
+        table_grad = jax.jit(jax.grad(of_table))
+        grad = lambda p, x, y: table_grad(leaves[k][1], p, x, y)  # noqa: E731
+    else:
+        grad = jax.jit(jax.grad(target_logits, argnums=1))
     times = {"lrp": [], "grad": []}
     for fn in (explain, grad):
         jax.block_until_ready(fn(params, x, y))
