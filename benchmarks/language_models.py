@@ -180,6 +180,8 @@ class Bert(_Decoder):
 
 
 MODELS = {"llama": Llama, "gemma": Gemma, "bert": Bert}
+#: the module name of each model's token embedding table (``params[name]["embedding"]``)
+TOKEN_TABLES = {"llama": "embed", "gemma": "embedder", "bert": "word_embeddings"}
 
 
 def build(name: str, dtype: Any = jnp.float32, **size) -> nn.Module:

@@ -105,17 +105,23 @@ def _steps(name: str, batch: int):
             return models.ce_rate_loss(z, y)
         return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
+    return (params, opt.init(params), x, y) + _optimiser_steps(opt, lambda p, x, y: lfp(p, x, y)[1],
+                                                                jax.grad(loss))
+
+
+def _optimiser_steps(opt, lfp_direction, grad):
+    """The LFP and gradient training steps ``(p, s, x, y) -> (p, s)``: the same optimiser applied to
+    ``lfp_direction(p, x, y)`` (``-feedback``) and to ``grad(p, x, y)``."""
+
     def lfp_step(p, s, x, y):
-        _, g = lfp(p, x, y)
-        u, s = opt.update(g, s, p)
+        u, s = opt.update(lfp_direction(p, x, y), s, p)
         return optax.apply_updates(p, u), s
 
     def grad_step(p, s, x, y):
-        g = jax.grad(loss)(p, x, y)
-        u, s = opt.update(g, s, p)
+        u, s = opt.update(grad(p, x, y), s, p)
         return optax.apply_updates(p, u), s
 
-    return params, opt.init(params), x, y, lfp_step, grad_step
+    return lfp_step, grad_step
 
 
 def _language_model_steps(name: str):
@@ -129,17 +135,8 @@ def _language_model_steps(name: str):
         z = fun(p, x).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
-    def lfp_step(p, s, x, y):
-        _, g = lfp(p, x, y)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    def grad_step(p, s, x, y):
-        g = jax.grad(loss)(p, x, y)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    return params, opt.init(params), x, y, lfp_step, grad_step
+    return (params, opt.init(params), x, y) + _optimiser_steps(opt, lambda p, x, y: lfp(p, x, y)[1],
+                                                                jax.grad(loss))
 
 
 def _batch(name: str, model, batch: int):
@@ -153,33 +150,29 @@ def _batch(name: str, model, batch: int):
 def bench_lrp(name: str, batch: int, steps: int) -> dict:
     """``lfp_jax.lrp`` (AttnLRP input relevance, one backward pass) against ``jax.grad`` of the target
     logits with respect to the input, both jitted, timed alternately."""
+    table = None
     if name in LANGUAGE_MODELS:
         fun, params, x, y = _language_model(name)
         batch = x.shape[0]
+        table = language_models.TOKEN_TABLES[name.partition("_")[0]]
     else:
         model = models.build(name, CLASSES.get(name, 10))
         x, y = _batch(name, model, batch)
         params = model.init(jax.random.key(0), x)["params"]
         fun = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-    ids = jnp.issubdtype(x.dtype, jnp.integer)
     explain = jax.jit(lambda p, x, y: lfp_jax.lrp(fun)(p, x, target=y)[1])
 
     def target_logits(p, x, y):
         z = fun(p, x)
         return jnp.sum(jax.nn.one_hot(y, z.shape[-1], dtype=z.dtype) * z)
 
-    if ids:  # token ids have no gradient: the gradient with respect to the token embedding table stands
-        # in (the input's representation; the other parameters' gradients are not computed)
-        leaves, tree = jax.tree_util.tree_flatten_with_path(params)
-        k = next(i for i, (path, _) in enumerate(leaves) if "embed" in jax.tree_util.keystr(path))
-
-        def of_table(table, p, x, y):
-            flat = [leaf for _, leaf in leaves]
-            flat[k] = table
-            return target_logits(jax.tree_util.tree_unflatten(tree, flat), x, y)
+    if table is not None:  # token ids have no gradient: the gradient with respect to the token embedding
+        # table stands in (the input's representation; the other parameters' gradients are not computed)
+        def of_table(embedding, p, x, y):
+            return target_logits({**p, table: {"embedding": embedding}}, x, y)
 
         table_grad = jax.jit(jax.grad(of_table))
-        grad = lambda p, x, y: table_grad(leaves[k][1], p, x, y)  # noqa: E731
+        grad = lambda p, x, y: table_grad(p[table]["embedding"], p, x, y)  # noqa: E731
     else:
         grad = jax.jit(jax.grad(target_logits, argnums=1))
     times = {"lrp": [], "grad": []}
