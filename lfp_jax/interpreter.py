@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
-from lfp_jax import _compat, _embedding
+from lfp_jax import _compat, _embedding, _remat
 from lfp_jax._graph import Lit, Node
 from lfp_jax.rules import ABSOLUTE, SiteCall
-from lfp_jax.rules._base import output_share, stable_divide
+from lfp_jax.rules._base import output_share, stabilizer_factor
 from lfp_jax.sites import Plan, Site
 
 
@@ -44,32 +44,32 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
     g = plan.graph
     env: dict[int, Any] = dict(zip(g.inputs, args))
     carried: dict[int, Any] = {g.inputs[k]: c for k, c in (carriers or {}).items()}
-    stabilized: dict[Any, Any] = {}
     out_taps = taps.get("out", {}) if taps else {}
     record = taps.get("record", {}) if taps else {}
     in_taps = taps.get("in", {}) if taps else {}
     skip = taps.get("skip", ()) if taps else ()
 
-    weights: dict[int, Any] = {}
+    def reader(env: dict, stabilized: dict, weights: dict):
+        def read(atom, wrapped: Any = False, tap: bool = True, use: bool = False):
+            if isinstance(atom, Lit):
+                return atom.value
+            if use:  # an effective weight: F_W = |W| ⊙ c_W (lfp_jax._params)
+                if atom not in weights:
+                    weights[atom] = _weight(env[atom])
+                return weights[atom]
+            t = out_taps.get(atom) if tap else None
+            if wrapped is False:
+                return env[atom] if t is None else env[atom] + t[0]
+            if wrapped is True:
+                if atom not in stabilized:
+                    stabilized[atom] = _boundary(env[atom], plan.stabilize[atom])
+                return stabilized[atom] if t is None else stabilized[atom] + t[1]
+            key = (atom, "R", wrapped[1])  # ("R", ε): the consumer hands R, the producer takes c
+            if key not in stabilized:
+                stabilized[key] = _relevance_boundary(env[atom], wrapped[1])
+            return stabilized[key] if t is None else stabilized[key] + t[2]
 
-    def read(atom, wrapped: Any = False, tap: bool = True, use: bool = False):
-        if isinstance(atom, Lit):
-            return atom.value
-        if use:  # an effective weight: F_W = |W| ⊙ c_W (lfp_jax._params)
-            if atom not in weights:
-                weights[atom] = _weight(env[atom])
-            return weights[atom]
-        t = out_taps.get(atom) if tap else None
-        if wrapped is False:
-            return env[atom] if t is None else env[atom] + t[0]
-        if wrapped is True:
-            if atom not in stabilized:
-                stabilized[atom] = _boundary(env[atom], plan.stabilize[atom])
-            return stabilized[atom] if t is None else stabilized[atom] + t[1]
-        key = (atom, "R", wrapped[1])  # ("R", ε): the consumer hands R, the producer takes c
-        if key not in stabilized:
-            stabilized[key] = _relevance_boundary(env[atom], wrapped[1])
-        return stabilized[key] if t is None else stabilized[key] + t[2]
+        return read
 
     def mode(i, p):
         if (i, p) in plan.wrapped_edges:
@@ -78,26 +78,24 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
             return ("R", plan.relevance_edges[(i, p)])
         return False
 
-    k = -1
-    for step in plan.schedule:
-        if isinstance(step, Site):
-            site, k = step, k + 1
-            wrapped = _wrapped_operands(plan, site)
-            ops = [read(a, w, use=isinstance(a, int) and a in plan.param_uses)
-                   for a, w in zip(site.operands, wrapped)]
-            ops = [op + in_taps[(k, j)] if (k, j) in in_taps else op for j, op in enumerate(ops)]
-            call = _site_call(plan, site)
-            if site.ids_operands and carried:
-                call = call._replace(carriers=tuple(
-                    carried.get(a) if isinstance(a, int) and k in site.ids_operands else None
-                    for k, a in enumerate(site.operands)))
-            outs = site.rule(call, *ops)
-            for var, val in zip((site.output,) + site.extras, outs):
-                env[var] = val + record[var] if var in record else val
-            if taps is not None and "values" in taps:
-                taps["values"][k] = (ops, outs[0])
-            continue
-        i, node = step, g.nodes[step]
+    def run_site(site: Site, k: int, env: dict, read) -> None:
+        wrapped = _wrapped_operands(plan, site)
+        ops = [read(a, w, use=isinstance(a, int) and a in plan.param_uses)
+               for a, w in zip(site.operands, wrapped)]
+        ops = [op + in_taps[(k, j)] if (k, j) in in_taps else op for j, op in enumerate(ops)]
+        call = _site_call(plan, site)
+        if site.ids_operands and carried:
+            call = call._replace(carriers=tuple(
+                carried.get(a) if isinstance(a, int) and k in site.ids_operands else None
+                for k, a in enumerate(site.operands)))
+        outs = site.rule(call, *ops)
+        for var, val in zip((site.output,) + site.extras, outs):
+            env[var] = val + record[var] if var in record else val
+        if taps is not None and "values" in taps:
+            taps["values"][k] = (ops, outs[0])
+
+    def run_node(i: int, env: dict, read) -> None:
+        node = g.nodes[i]
         tapped = i not in skip
         ins = [read(a, mode(i, p), tapped, (i, p) in plan.param_use_edges) for p, a in enumerate(node.inputs)]
         if i in plan.relevance_pass:
@@ -110,6 +108,41 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
                 env[var] = val
         if i in plan.id_nodes and carried:
             _carry(plan, i, ins, carried)
+
+    def run_region(region: _remat.Region) -> None:
+        last = region.steps[-1]
+
+        def fn(*values):
+            local = dict(zip(region.inputs, values))
+            read = reader(local, {}, {})
+            for step in region.steps:
+                if isinstance(step, Site):
+                    run_site(step, -1, local, read)
+                else:
+                    run_node(step, local, read)
+            return [local[v] for v in (last.output,) + last.extras]
+
+        outs = _recomputed(fn, [env[a] for a in region.inputs])
+        env.update(zip((last.output,) + last.extras, outs))
+
+    # attention scores recomputed in the backward pass (lfp_jax._remat); not where taps read the
+    # values inside a region
+    regions = _remat.score_regions(plan) if taps is None else {}
+    later_sites = {id(s) for r in regions.values() for s in r.steps[:-1] if isinstance(s, Site)}
+    later_nodes = {s for r in regions.values() for s in r.steps[:-1] if not isinstance(s, Site)}
+    read = reader(env, {}, {})
+    k = -1
+    for step in plan.schedule:
+        if isinstance(step, Site):
+            k += 1
+            if id(step) in later_sites:
+                continue
+            if id(step) in regions:
+                run_region(regions[id(step)])
+            else:
+                run_site(step, k, env, read)
+        elif step not in later_nodes:
+            run_node(step, env, read)
     if taps is not None:
         taps["moved"] = {v: env[v] for v in list(out_taps) + list(record) if v in env}
     return [read(o, p in plan.wrapped_outputs, tap=False, use=isinstance(o, int) and o in plan.param_uses)
@@ -185,6 +218,37 @@ def _site_call(plan: Plan, site: Site) -> SiteCall:
                     site.relevance_output)
 
 
+def _recomputed(fn, values: list) -> list:
+    """``fn(*values)`` whose backward pass evaluates ``fn`` again (from ``values``, the only arrays kept)
+    and takes its VJP.
+
+    Unlike ``jax.checkpoint``, the recomputation waits for the cotangents: each kept float value gets
+    a zero that XLA cannot fold away, made from one element of a cotangent (``x + 0·e`` for a finite
+    ``e``). Without that data dependence XLA's CPU scheduler may run the recomputation in the forward
+    pass (optimisation barriers are removed before scheduling) and keep its result until the backward
+    pass, which is what recomputing was to avoid."""
+
+    @jax.custom_vjp
+    def run(*vals):
+        return fn(*vals)
+
+    def fwd(*vals):
+        return fn(*vals), vals
+
+    def bwd(vals, cts):
+        e = next(c for c in jax.tree_util.tree_leaves(cts)).reshape(-1)[0]
+        zero = jnp.where(jnp.isfinite(e), e, 0) * 0
+        vals = tuple(v + zero.astype(v.dtype) if jnp.issubdtype(jnp.result_type(v), jnp.inexact) else v
+                     for v in vals)
+        _, vjp = jax.vjp(fn, *vals)
+        grads = vjp(cts)
+        return tuple(g if jnp.issubdtype(jnp.result_type(v), jnp.inexact) else None
+                     for g, v in zip(grads, vals))
+
+    run.defvjp(fwd, bwd)
+    return run(*values)
+
+
 @jax.custom_vjp
 def _weight(value: Any) -> Any:
     """Identity; its backward multiplies the cotangent by ``|value|``: an effective weight's feedback
@@ -208,11 +272,8 @@ def _boundary_fwd(value, epsilon):
 def _boundary_bwd(epsilon, value, ct):
     if epsilon is ABSOLUTE:  # a spiking output: its producer takes the reward itself, R = y ⊙ c
         return (ct * value,)
-    # masked attention scores are -inf: they hold no reward (and y / stab(y) would be NaN there); a NaN
-    # stays NaN, as in jax.grad
-    finite = ~jnp.isinf(value)
-    safe = jnp.where(finite, value, 1)
-    return (jnp.where(finite, stable_divide(ct * safe, safe, epsilon), 0),)
+    # masked attention scores are -inf: they hold no reward; a NaN stays NaN, as in jax.grad
+    return (stabilizer_factor(ct, value, epsilon),)
 
 
 _boundary.defvjp(_boundary_fwd, _boundary_bwd)

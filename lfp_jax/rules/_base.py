@@ -45,6 +45,20 @@ def stable_divide(a: Array, z: Array, epsilon: float) -> Array:
     return a / stabilize(z, epsilon)
 
 
+def stabilizer_factor(c: Array, y: Array, epsilon: float) -> Array:
+    r"""``c ⊙ y / (y + ε·sign(y))`` (the ε factor of a block output ``y``), 0 where ``y`` is infinite.
+
+    Since ``y`` and ``ε·sign(y)`` have the same sign this is ``c ⊙ |y| / (|y| + ε)``, which needs no
+    sign selection (the compiled backward pass has one division and one select per element, the
+    latter for infinite ``y``: masked attention scores are ``-inf`` and hold no reward). For ``ε = 0``
+    the factor is 1 where ``y ≠ 0`` and 0 where ``y = 0`` (LRP-0). A NaN ``y`` gives NaN, as in
+    ``jax.grad``."""
+    a = jnp.abs(y)
+    if epsilon == 0:
+        return jnp.where((a == 0) | (a == jnp.inf), jnp.zeros((), c.dtype), c * (a / a))
+    return jnp.where(a == jnp.inf, jnp.zeros((), c.dtype), c * a / (a + epsilon))
+
+
 def output_share(r: Array, y: Array, epsilon: float | None) -> Array:
     r"""The normalised reward ``c = R / (y + ε·sign(y))`` at a block output ``y`` (``R / y`` for ``ε =
     None``, 0 where ``y = 0``), finite wherever ``R`` and ``y`` are: 0 at infinite ``y`` (masked

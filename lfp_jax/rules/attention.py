@@ -14,7 +14,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from lfp_jax.rules._base import Array, Rule, SiteCall, stabilize, with_backward
+from lfp_jax.rules._base import Array, Rule, SiteCall, stabilizer_factor, with_backward
 from lfp_jax.rules.core import Epsilon
 
 
@@ -63,9 +63,8 @@ class SoftmaxTaylor(Rule):
                 cts = [y * (ct - jnp.sum(y * ct, axis=axes[0], keepdims=True))] + [None] * (len(ops) - 1)
             else:  # any other softmax site (a mask in the normaliser, ...): its exact VJP
                 cts = list(jax.vjp(lambda *o: call.fn(*o)[0], *ops)[1](ct))
-            finite = jnp.isfinite(x)
-            safe = jnp.where(finite, x, 1)
-            cts[0] = jnp.where(finite, cts[0] * safe / stabilize(safe, eps), 0)
+            # c_x ⊙ x / stab(x); 0 at masked (-inf) and at non-finite scores
+            cts[0] = jnp.where(jnp.isfinite(x), stabilizer_factor(cts[0], x, eps), 0)
             return cts
 
         return with_backward(call, operands, backward)

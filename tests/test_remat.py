@@ -1,0 +1,106 @@
+"""Attention scores recomputed in the backward pass (lfp_jax._remat) and the block-output ε factor.
+
+The numbers themselves are checked against values saved before these changes in
+``tests/test_lm_fixture.py`` (whose models have score regions, asserted here); these tests check that
+the regions are found where they should be, that the compiled step then keeps less, and the factor's
+formula at its edge cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lfp_jax
+from benchmarks import language_models
+from lfp_jax import _remat
+from lfp_jax._trace import Traced
+from lfp_jax.composites import lfp_epsilon
+from lfp_jax.rules._base import stabilizer_factor
+from tools import lm_feedback_fixture as fixture
+
+
+def _model(name, dtype=jnp.float32, **size):
+    size = dict(fixture.CONFIG, **size)
+    size.update(hidden=32) if name == "bert" else size.update(hidden=24)
+    if name == "bert":
+        size["max_len"] = 16
+    model = language_models.build(name, dtype, **size)
+    ids = language_models.batch(jax.random.key(3), size["vocab"], fixture.BATCH, fixture.SEQ)
+    x, y = ids[:, :-1], (ids[:, :-1] if name == "bert" else ids[:, 1:])
+    params = language_models.init(model, jax.random.key(4), x)
+    return (lambda p, x: model.apply({"params": p}, x)), params, x, y
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma", "bert"])
+def test_every_attention_layer_of_the_fixture_models_is_a_score_region(name):
+    fun, params, x, _ = _model(name)
+    plan = Traced(fun, (params, x), lfp_epsilon(), (0,), False, None, None).plan
+    regions = list(_remat.score_regions(plan).values())
+    assert len(regions) == fixture.CONFIG["depth"]
+    g = plan.graph
+    for r in regions:
+        product, softmax = r.steps[0], r.steps[-1]
+        assert (product.kind, softmax.kind) == ("bilinear", "softmax")
+        # q and k (and masks) are read from outside, never an array of the scores' size
+        scores = g.avals[softmax.output].size
+        assert all(g.avals[a].size < scores for a in r.inputs)
+        assert len([a for a in r.inputs if jnp.issubdtype(g.avals[a].dtype, jnp.floating)]) >= 2
+
+
+def test_the_compiled_step_keeps_less_with_the_scores_recomputed(monkeypatch):
+    fun, params, x, y = _model("llama", width=32, heads=4)
+    x, y = (jnp.tile(a, (1, 8)) for a in (x, y))  # sequence 56: the scores dominate
+    lfp = lfp_jax.lfp_value_and_grad(fun, lfp_jax.rewards.softmax_loss, reward_argnums=(2,),
+                                     allow_frozen=True)
+
+    def temp():
+        c = jax.jit(lambda p, x, y: lfp(p, x, y)[1]).lower(params, x, y).compile()
+        return c.memory_analysis().temp_size_in_bytes
+
+    recomputed = temp()
+    monkeypatch.setattr(_remat, "score_regions", lambda plan: {})
+    kept = temp()
+    scores = fixture.BATCH * 4 * x.shape[1] ** 2 * 4  # one layer's f32 scores
+    assert kept - recomputed >= scores
+
+
+def test_recomputed_regions_give_the_numbers_of_kept_ones_under_vmap_and_jit():
+    fun, params, x, y = _model("gemma", jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    grad = jax.jit(lfp_jax.lfp_grad(fun, lfp_jax.rewards.softmax_loss, reward_argnums=(2,),
+                                    allow_frozen=True))
+    batched = jax.vmap(grad, in_axes=(None, 0, 0))(params, x[:, None], y[:, None])
+    for k in range(x.shape[0]):
+        one = grad(params, x[k:k + 1], y[k:k + 1])
+        for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(batched)):
+            np.testing.assert_allclose(b[k], a, rtol=2e-5, atol=1e-7 * float(jnp.abs(a).max()) + 1e-12)
+
+
+def test_the_training_step_follows_theorem_1_through_a_recomputed_region():
+    """With ReLU-free softmax attention the regions still follow the chain rule's structure: the loss
+    decreases under LFP on a fixed batch (a recomputation that lost the cotangent would not)."""
+    fun, params, x, y = _model("llama")
+    lfp = jax.jit(lfp_jax.lfp_value_and_grad(fun, lfp_jax.rewards.softmax_loss, reward_argnums=(2,),
+                                             allow_frozen=True))
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+    losses = []
+    for _ in range(6):
+        logits, grads = lfp(params, x, y)
+        losses.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()))
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.25, 0.0])
+def test_stabilizer_factor_is_y_over_the_stabilised_y(eps):
+    y = np.array([2.0, -3.0, 1e-7, -1e-7, 0.0, -0.0, np.inf, -np.inf, np.nan], np.float32)
+    c = np.array([1.5, -2.0, 4.0, 3.0, 7.0, 5.0, 2.0, 9.0, 1.0], np.float32)
+    got = np.asarray(stabilizer_factor(jnp.asarray(c), jnp.asarray(y), eps))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stab = y + np.where(y >= 0, eps, -eps)   # sign(0) = +1
+        want = np.where(y == 0, 0.0, c * y / stab)   # LRP-0 at y = 0; 0/ε = 0 for ε > 0
+    want[6:8] = 0.0  # infinite y (masked scores) hold no reward
+    np.testing.assert_allclose(got[:8], want[:8], rtol=1e-6)
+    assert np.isnan(got[8])  # a NaN stays NaN, as in jax.grad
