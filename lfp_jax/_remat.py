@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from lfp_jax.rules.attention import _PLAIN_SOFTMAX, SoftmaxTaylor
 from lfp_jax.sites import Plan, Site
 
 # primitives recomputed freely: elementwise and structural, no matrix products or reductions
@@ -36,6 +37,7 @@ class Region:
     steps: tuple
     inputs: tuple
     inside: frozenset
+    keeps_output: bool = False  # the softmax output is kept: its rule's backward needs only y and x
 
 
 def score_regions(plan: Plan) -> dict[int, Region]:
@@ -139,4 +141,6 @@ def _region(plan: Plan, softmax: Site, producer, readers, outputs) -> Region | N
         for a in atoms:
             if isinstance(a, int) and a not in inside and a not in inputs:
                 inputs.append(a)
-    return Region(tuple(steps), tuple(inputs), frozenset(inside))
+    keeps = (type(softmax.rule) is SoftmaxTaylor and tuple(softmax.primitives) in _PLAIN_SOFTMAX
+             and not any(softmax.carries_reward[1:]))
+    return Region(tuple(steps), tuple(inputs), frozenset(inside), keeps)

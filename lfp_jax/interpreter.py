@@ -78,12 +78,14 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
             return ("R", plan.relevance_edges[(i, p)])
         return False
 
-    def run_site(site: Site, k: int, env: dict, read) -> None:
+    def run_site(site: Site, k: int, env: dict, read, given: Any = None) -> None:
         wrapped = _wrapped_operands(plan, site)
         ops = [read(a, w, use=isinstance(a, int) and a in plan.param_uses)
                for a, w in zip(site.operands, wrapped)]
         ops = [op + in_taps[(k, j)] if (k, j) in in_taps else op for j, op in enumerate(ops)]
         call = _site_call(plan, site)
+        if given is not None:  # outputs kept from the forward pass (a recomputed region's softmax)
+            call = call._replace(fn=lambda *_: tuple(given))
         if site.ids_operands and carried:
             call = call._replace(carriers=tuple(
                 carried.get(a) if isinstance(a, int) and k in site.ids_operands else None
@@ -112,17 +114,17 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
     def run_region(region: _remat.Region) -> None:
         last = region.steps[-1]
 
-        def fn(*values):
+        def fn(*values, given=None):
             local = dict(zip(region.inputs, values))
             read = reader(local, {}, {})
             for step in region.steps:
                 if isinstance(step, Site):
-                    run_site(step, -1, local, read)
+                    run_site(step, -1, local, read, given if step is last else None)
                 else:
                     run_node(step, local, read)
             return [local[v] for v in (last.output,) + last.extras]
 
-        outs = _recomputed(fn, [env[a] for a in region.inputs])
+        outs = _recomputed(fn, [env[a] for a in region.inputs], region.keeps_output)
         env.update(zip((last.output,) + last.extras, outs))
 
     # attention scores recomputed in the backward pass (lfp_jax._remat); not where taps read the
@@ -218,9 +220,11 @@ def _site_call(plan: Plan, site: Site) -> SiteCall:
                     site.relevance_output)
 
 
-def _recomputed(fn, values: list) -> list:
+def _recomputed(fn, values: list, keep_outputs: bool = False) -> list:
     """``fn(*values)`` whose backward pass evaluates ``fn`` again (from ``values``, the only arrays kept)
-    and takes its VJP.
+    and takes its VJP. With ``keep_outputs`` the outputs are kept too and handed to the recomputation
+    as ``fn(*values, given=outputs)``, which uses them instead of computing them again (a softmax whose
+    rule needs only its output and input: the exponentials are not evaluated twice).
 
     Unlike ``jax.checkpoint``, the recomputation waits for the cotangents: each kept float value gets
     a zero that XLA cannot fold away, made from one element of a cotangent (``x + 0·e`` for a finite
@@ -233,14 +237,16 @@ def _recomputed(fn, values: list) -> list:
         return fn(*vals)
 
     def fwd(*vals):
-        return fn(*vals), vals
+        outs = fn(*vals)
+        return outs, (vals, outs if keep_outputs else None)
 
-    def bwd(vals, cts):
+    def bwd(res, cts):
+        vals, outs = res
         e = next(c for c in jax.tree_util.tree_leaves(cts)).reshape(-1)[0]
         zero = jnp.where(jnp.isfinite(e), e, 0) * 0
         vals = tuple(v + zero.astype(v.dtype) if jnp.issubdtype(jnp.result_type(v), jnp.inexact) else v
                      for v in vals)
-        _, vjp = jax.vjp(fn, *vals)
+        _, vjp = jax.vjp(functools.partial(fn, given=outs) if keep_outputs else fn, *vals)
         grads = vjp(cts)
         return tuple(g if jnp.issubdtype(jnp.result_type(v), jnp.inexact) else None
                      for g, v in zip(grads, vals))
