@@ -2,23 +2,25 @@
 
 AttnLRP's softmax rule applies the ε of the block that produced the scores, ``x = mask(q·kᵀ/√d)``,
 in its own backward pass: ``c_x ← c_x ⊙ x / (x + ε·sign(x))``. That needs ``x`` itself, a
-``(…, T, T)`` array per layer which a gradient step never keeps (the softmax's VJP needs only its
-output). Keeping it costs a transformer step about a tenth more memory than the gradient step.
+``(…, T, T)`` array per layer that a gradient step never keeps (the softmax's VJP needs only its
+output). Keeping it made a transformer's LFP step need 1.1-1.3x the gradient step's memory.
 
 A *score region* is the product site ``q·kᵀ``, the elementwise and structural operations between it
-and the softmax (scaling, masking, transposes), and the softmax site, when nothing else reads the
-values inside it. The interpreter evaluates such a region under ``jax.checkpoint``: the forward pass
-keeps only its inputs (``q`` and ``k``, which the product's own backward needs anyway, the mask), and
-the backward pass computes ``q·kᵀ`` and the scores again. The numbers are the same (the same
-operations on the same values); the cost is one ``(…, T, d)·(…, d, T)`` product per layer in the
-backward pass, a few per cent of a step (docs/benchmarks.md).
+and the softmax (scaling, masking, transposes, a stopped row maximum), and the softmax site, when
+nothing else reads the values inside it. The interpreter evaluates a region with a custom VJP whose
+forward pass keeps only the region's inputs (``q`` and ``k``, which the product's own backward needs
+anyway, and the mask) and the softmax output (kept anyway for the product with the values). Its
+backward pass computes ``q·kᵀ`` and the masked scores again and applies the rules' backward
+functions. The numbers are the same: the same operations on the same values. The cost is one
+``(…, T, d)·(…, d, T)`` product per layer: about 1 % of a step in ``benchmarks.step_time``
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from lfp_jax.rules.attention import _PLAIN_SOFTMAX, SoftmaxTaylor
+from lfp_jax.rules.attention import _PLAIN_SOFTMAX, SoftmaxTaylor, UniformProduct
 from lfp_jax.sites import Plan, Site
 
 # primitives recomputed freely: elementwise and structural, no matrix products or reductions
@@ -93,7 +95,7 @@ def _region(plan: Plan, softmax: Site, producer, readers, outputs) -> Region | N
         v = flowing[0]
     product = step
     if (product.kind != "bilinear" or product.extras or product.rule is None
-            or type(product.rule).__name__ != "UniformProduct"):
+            or not isinstance(product.rule, UniformProduct)):
         return None
     nodes = set(product.nodes) | set(chain) | set(softmax.nodes)
     inside = {product.output} | {o for i in chain for o in g.nodes[i].outputs if o is not None}

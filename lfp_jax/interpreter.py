@@ -168,9 +168,9 @@ def _wrapped_operands(plan: Plan, site: Site) -> list[Any]:
     """Per operand: ``True`` (read through its block boundary), ``("R", ε)`` (the rule hands ``R``
     and the producer takes ``c``: :func:`_relevance_boundary`) or ``False``."""
     g = plan.graph
-    nodes = set(site.nodes)
-    edges = {g.nodes[r].inputs[p] for r, p in plan.wrapped_edges if r in nodes}
-    relevance = {g.nodes[r].inputs[p]: e for (r, p), e in plan.relevance_edges.items() if r in nodes}
+    wrapped, relevant = _edges_by_node(plan)
+    edges = {g.nodes[r].inputs[p] for r in site.nodes for p in wrapped.get(r, ())}
+    relevance = {g.nodes[r].inputs[p]: e for r in site.nodes for p, e in relevant.get(r, ())}
     out: list[Any] = []
     for a in site.operands:
         if isinstance(a, int) and a in relevance:
@@ -178,6 +178,23 @@ def _wrapped_operands(plan: Plan, site: Site) -> list[Any]:
         else:
             out.append(isinstance(a, int) and a in edges)
     return out
+
+
+def _edges_by_node(plan: Plan) -> tuple[dict, dict]:
+    """``plan.wrapped_edges`` and ``plan.relevance_edges`` grouped by node (computed once per plan and
+    these edge sets; every site looks up its own nodes' edges)."""
+    key = (len(plan.wrapped_edges), len(plan.relevance_edges))
+    cached = getattr(plan, "_edges_by_node", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    wrapped: dict[int, list[int]] = {}
+    for r, p in plan.wrapped_edges:
+        wrapped.setdefault(r, []).append(p)
+    relevant: dict[int, list[tuple[int, Any]]] = {}
+    for (r, p), e in plan.relevance_edges.items():
+        relevant.setdefault(r, []).append((p, e))
+    plan._edges_by_node = (key, (wrapped, relevant))  # type: ignore[attr-defined]
+    return wrapped, relevant
 
 
 def _site_call(plan: Plan, site: Site) -> SiteCall:
