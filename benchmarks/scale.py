@@ -57,6 +57,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _first_call(step, *args):
+    """Compile and run ``step`` once: ``(compiled, total s, trace-and-lower s, XLA compile s)``."""
+    t = time.perf_counter()
+    lowered = jax.jit(step).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return compiled, time.perf_counter() - t, t1 - t, t2 - t1
+
+
 def large_step(steps: int) -> dict:
     """One ~100M decoder's LFP and gradient step: times, compile times, memory."""
     p, s, x, y, lfp_step, grad_step = _steps(LARGE, LARGE_SEQ, LARGE_BATCH)
@@ -64,14 +75,8 @@ def large_step(steps: int) -> dict:
     row: dict = {"parameters": int(n_params), "seq": LARGE_SEQ, "batch": LARGE_BATCH, **LARGE}
     compiled = {}
     for label, step in (("grad", grad_step), ("lfp", lfp_step)):
-        t = time.perf_counter()
-        lowered = jax.jit(step).lower(p, s, x, y)
-        t1 = time.perf_counter()
-        compiled[label] = lowered.compile()
-        t2 = time.perf_counter()
-        jax.block_until_ready(compiled[label](p, s, x, y))
-        row[f"{label}_trace_s"], row[f"{label}_compile_s"] = t1 - t, t2 - t1
-        row[f"{label}_first_s"] = time.perf_counter() - t
+        compiled[label], total, trace, comp = _first_call(step, p, s, x, y)
+        row.update({f"{label}_first_s": total, f"{label}_trace_s": trace, f"{label}_compile_s": comp})
         row[f"{label}_bytes"] = _peak_bytes(compiled[label])
         row[f"{label}_peak_rss_mb_after"] = _peak_rss_mb()
         print(f"{label}: first call {row[f'{label}_first_s']:.1f} s, "
@@ -99,13 +104,8 @@ def deep_first_call() -> dict:
         p, s, x, y, lfp_step, grad_step = _steps(DEEP, language_models.SIZE["seq"],
                                                  language_models.SIZE["batch"])
         step = lfp_step if label == "lfp" else grad_step
-        t = time.perf_counter()
-        lowered = jax.jit(step).lower(p, s, x, y)
-        t1 = time.perf_counter()
-        c = lowered.compile()
-        t2 = time.perf_counter()
-        jax.block_until_ready(c(p, s, x, y))
-        first[label].append((time.perf_counter() - t, t1 - t, t2 - t1))
+        c, *seconds = _first_call(step, p, s, x, y)
+        first[label].append(tuple(seconds))
         row[f"{label}_bytes"] = _peak_bytes(c)
         print(f"{label}: first call {first[label][-1][0]:.1f} s", flush=True)
     for label, runs in first.items():

@@ -32,13 +32,12 @@ _ALSO = {"reduce_max", "stop_gradient"}  # the softmax's row maximum, when it is
 
 @dataclasses.dataclass(frozen=True)
 class Region:
-    """Steps of a plan's schedule evaluated together under ``jax.checkpoint``: ``steps`` in schedule
-    order (the product site, the operations after it, the softmax site last); ``inputs`` the values
-    read from outside; ``inside`` the values produced inside."""
+    """Steps of a plan's schedule evaluated together, recomputed in the backward pass
+    (``interpreter._recomputed``): ``steps`` in schedule order (the product site, the operations after
+    it, the softmax site last); ``inputs`` the values read from outside."""
 
     steps: tuple
     inputs: tuple
-    inside: frozenset
     keeps_output: bool = False  # the softmax output is kept: its rule's backward needs only y and x
 
 
@@ -120,7 +119,7 @@ def _region(plan: Plan, softmax: Site, producer, readers, outputs) -> Region | N
         if u in outputs or not readers.get(u, set()) <= nodes:
             return None
     # broadcasts feeding only the region (a mask, the -inf of masked scores) are made inside it: an
-    # input of the checkpoint is a materialised array kept for the backward pass, a broadcast made
+    # input of the region is a materialised array kept for the backward pass, a broadcast made
     # inside is fused into its consumers
     pulled = True
     while pulled:
@@ -145,4 +144,4 @@ def _region(plan: Plan, softmax: Site, producer, readers, outputs) -> Region | N
                 inputs.append(a)
     keeps = (type(softmax.rule) is SoftmaxTaylor and tuple(softmax.primitives) in _PLAIN_SOFTMAX
              and not any(softmax.carries_reward[1:]))
-    return Region(tuple(steps), tuple(inputs), frozenset(inside), keeps)
+    return Region(tuple(steps), tuple(inputs), keeps)

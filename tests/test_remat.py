@@ -65,7 +65,7 @@ def test_the_compiled_step_keeps_less_with_the_scores_recomputed(monkeypatch):
     assert kept - recomputed >= scores
 
 
-def test_recomputed_regions_give_the_numbers_of_kept_ones_under_vmap_and_jit():
+def test_recomputed_regions_under_vmap_give_the_per_example_feedback():
     fun, params, x, y = _model("gemma", jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
     grad = jax.jit(lfp_jax.lfp_grad(fun, lfp_jax.rewards.softmax_loss, reward_argnums=(2,),
                                     allow_frozen=True))
@@ -76,9 +76,10 @@ def test_recomputed_regions_give_the_numbers_of_kept_ones_under_vmap_and_jit():
             np.testing.assert_allclose(b[k], a, rtol=2e-5, atol=1e-7 * float(jnp.abs(a).max()) + 1e-12)
 
 
-def test_the_training_step_follows_theorem_1_through_a_recomputed_region():
-    """With ReLU-free softmax attention the regions still follow the chain rule's structure: the loss
-    decreases under LFP on a fixed batch (a recomputation that lost the cotangent would not)."""
+def test_training_through_recomputed_regions_lowers_the_loss():
+    """LFP steps on a fixed batch lower the loss with every attention layer a recomputed region, and
+    the query and key projections, whose reward crosses only the recomputed scores, get feedback (a
+    recomputation that lost the cotangent would leave them at 0)."""
     fun, params, x, y = _model("llama")
     lfp = jax.jit(lfp_jax.lfp_value_and_grad(fun, lfp_jax.rewards.softmax_loss, reward_argnums=(2,),
                                              allow_frozen=True))
@@ -87,6 +88,9 @@ def test_the_training_step_follows_theorem_1_through_a_recomputed_region():
     losses = []
     for _ in range(6):
         logits, grads = lfp(params, x, y)
+        for layer in range(fixture.CONFIG["depth"]):
+            for proj in ("query", "key"):
+                assert float(jnp.abs(grads[f"layer_{layer}_attn"][proj]["kernel"]).max()) > 0
         losses.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()))
         updates, state = opt.update(grads, state, params)
         params = optax.apply_updates(params, updates)
