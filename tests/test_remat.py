@@ -105,6 +105,39 @@ def test_stabilizer_factor_is_y_over_the_stabilised_y(eps):
     with np.errstate(invalid="ignore", divide="ignore"):
         stab = y + np.where(y >= 0, eps, -eps)   # sign(0) = +1
         want = np.where(y == 0, 0.0, c * y / stab)   # LRP-0 at y = 0; 0/ε = 0 for ε > 0
-    want[6:8] = 0.0  # infinite y (masked scores) hold no reward
+    want[6:8] = c[6:8]  # infinite y: the limit y / (y + ε·sign y) → 1 (the softmax rule zeros masked scores)
     np.testing.assert_allclose(got[:8], want[:8], rtol=1e-6)
     assert np.isnan(got[8])  # a NaN stays NaN, as in jax.grad
+
+
+def test_stabilizer_factor_has_no_cancellation_for_tiny_y():
+    # |y| from far below ε to far above it: float32 within a few ulp of the float64 formula
+    y = np.concatenate([np.logspace(-30, 6, 200), -np.logspace(-30, 6, 200)]).astype(np.float32)
+    c = np.linspace(-3, 3, y.size).astype(np.float32)
+    got = np.asarray(stabilizer_factor(jnp.asarray(c), jnp.asarray(y), 1e-6), np.float64)
+    y64 = y.astype(np.float64)
+    want = c * y64 / (y64 + np.where(y64 >= 0, 1e-6, -1e-6))
+    np.testing.assert_allclose(got, want, rtol=4e-7, atol=1e-37)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_stabilizers_round_once_in_16_bit_types(dtype):
+    # the factor, the ε division and the identity rule's share are evaluated in float32 and rounded
+    # once to the 16-bit type (per-operation rounding would differ from this in the last bit)
+    from lfp_jax.rules._base import stable_divide
+    rng = np.random.default_rng(0)
+    y = (rng.standard_normal(4096) * np.logspace(-4, 2, 4096)).astype(np.float32)
+    c = rng.standard_normal(4096).astype(np.float32)
+    y16, c16 = jnp.asarray(y, dtype), jnp.asarray(c, dtype)
+    y32, c32 = np.asarray(y16, np.float64), np.asarray(c16, np.float64)
+    stab = y32 + np.where(y32 >= 0, 1e-3, -1e-3)
+    for got, exact in ((stabilizer_factor(c16, y16, 1e-3), c32 * y32 / stab),
+                       (stable_divide(c16, y16, 1e-3), c32 / stab)):
+        assert got.dtype == dtype
+        # rounded once: the exact value lies between the midpoints to the 16-bit neighbours of the
+        # result (correct rounding; float32's own error allowed at ties)
+        g = np.asarray(got, np.float64)
+        up = np.asarray(jnp.nextafter(got, jnp.asarray(np.inf, dtype)), np.float64)
+        down = np.asarray(jnp.nextafter(got, jnp.asarray(-np.inf, dtype)), np.float64)
+        slack = 1e-6 * np.abs(exact)
+        assert np.all((exact <= (g + up) / 2 + slack) & (exact >= (g + down) / 2 - slack))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -30,6 +31,30 @@ def _scalar(x: Array, value: float) -> np.ndarray:
     return np.array(value, x.dtype)
 
 
+_NARROW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def widened(fn: Callable[..., Array]) -> Callable[..., Array]:
+    """``fn`` evaluated in float32 where its array arguments are bfloat16 or float16 (their result type
+    is), its result rounded once to that type.
+
+    The stabilisers are chains of elementwise operations; evaluated in a 16-bit type each intermediate
+    is rounded (and on a CPU, which has no 16-bit arithmetic, converted to float32 and back around every
+    operation). Rounding once is the more accurate value, and XLA fuses the chain into one pass."""
+
+    @functools.wraps(fn)
+    def wide(*args: Any, **kwargs: Any) -> Array:
+        arrays = [a for a in args if isinstance(a, jax.Array)]
+        dtype = jnp.result_type(*arrays) if arrays else None
+        if dtype not in _NARROW:
+            return fn(*args, **kwargs)
+        args = tuple(lax.convert_element_type(a, jnp.float32) if isinstance(a, jax.Array) else a
+                     for a in args)
+        return lax.convert_element_type(fn(*args, **kwargs), dtype)
+
+    return wide
+
+
 def stabilize(z: Array, epsilon: float) -> Array:
     r"""The ε stabiliser ``z + ε·sign(z)`` with ``sign(0) = +1`` (so it is never zero for ε > 0)."""
     if _same(z):
@@ -55,6 +80,7 @@ def _check_epsilon(rule: Any) -> None:
                          f"shares, 0 where a unit is silent)")
 
 
+@widened
 def stable_divide(a: Array, z: Array, epsilon: float) -> Array:
     r"""``a / (z + ε·sign(z))``; for ``ε = 0`` the plain ``a / z``, 0 where ``z = 0`` (LRP-0: no NaN where
     a unit is silent)."""
@@ -65,25 +91,33 @@ def stable_divide(a: Array, z: Array, epsilon: float) -> Array:
     return a / stabilize(z, epsilon)
 
 
-def stabilizer_factor(c: Array, y: Array, epsilon: float) -> Array:
-    r"""``c ⊙ y / (y + ε·sign(y))`` (the ε factor of a block output ``y``), 0 where ``y`` is infinite.
+_CLAMP = 2.0 ** 64
 
-    Since ``y`` and ``ε·sign(y)`` have the same sign this is ``c ⊙ |y| / (|y| + ε)``, which needs no
-    sign selection (the compiled backward pass has one division and one select per element, the
-    latter for infinite ``y``: masked attention scores are ``-inf`` and hold no reward). For ``ε = 0``
-    the factor is 1 where ``y ≠ 0`` and 0 where ``y = 0`` (LRP-0). A NaN ``y`` gives NaN, as in
-    ``jax.grad``."""
+
+@widened
+def stabilizer_factor(c: Array, y: Array, epsilon: float) -> Array:
+    r"""``c ⊙ y / (y + ε·sign(y))``: the ε factor of a block output ``y``.
+
+    Since ``y`` and ``ε·sign(y)`` have the same sign this is ``c ⊙ |y| / (|y| + ε)``; it is evaluated
+    with ``a = min(|y|, 2⁶⁴)``,
+
+    .. math:: c \odot a \,/\, (a + ε),
+
+    the same number wherever ``|y| ≤ 2⁶⁴`` and its limit ``c`` (to rounding) beyond, infinite ``y``
+    included (the softmax rule gives masked ``-inf`` scores 0 itself). The form needs no selection
+    and starts from ``c``, so XLA fuses it into one backward pass and has no ``y``-only part to
+    compute ahead in the forward pass and keep. 0 at ``y = 0``; a NaN ``y`` gives NaN, as in
+    ``jax.grad``. (``c ⊙ a`` overflows float32 only for ``|c| > 10¹⁹``.) For ``ε = 0`` the factor
+    is 1 where ``y ≠ 0`` and 0 where ``y = 0`` (LRP-0)."""
     if not _same(c, y):
-        a = jnp.abs(y)
         if epsilon == 0:
-            return jnp.where((a == 0) | (a == jnp.inf), jnp.zeros((), c.dtype), c * (a / a))
-        return jnp.where(a == jnp.inf, jnp.zeros((), c.dtype), c * a / (a + epsilon))
-    a = lax.abs(y)
-    infinite = lax.eq(a, _scalar(a, np.inf))
+            return jnp.where(y == 0, 0, jnp.where(jnp.isnan(y), y, c)).astype(jnp.result_type(c, y))
+        a = jnp.minimum(jnp.abs(y), _CLAMP)
+        return c * a / (a + epsilon)
     if epsilon == 0:
-        return lax.select(lax.bitwise_or(lax.eq(a, _scalar(a, 0)), infinite), lax.full_like(c, 0),
-                          lax.mul(c, lax.div(a, a)))
-    return lax.select(infinite, lax.full_like(c, 0), lax.div(lax.mul(c, a), lax.add(a, _scalar(a, epsilon))))
+        return lax.select(lax.eq(y, _scalar(y, 0)), lax.full_like(c, 0), lax.select(lax.ne(y, y), y, c))
+    a = lax.min(lax.abs(y), _scalar(y, _CLAMP))
+    return lax.div(lax.mul(c, a), lax.add(a, _scalar(a, epsilon)))
 
 
 def output_share(r: Array, y: Array, epsilon: float | None) -> Array:
@@ -119,6 +153,7 @@ where the spikes enter another layer the engine converts that layer's ``c`` to `
 """
 
 
+@widened
 def safe_divide(a: Array, z: Array) -> Array:
     """``a / z`` where ``z != 0`` and 0 where ``z == 0`` (no NaN or overflow in any dtype).
 

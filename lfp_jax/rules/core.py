@@ -9,7 +9,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from lfp_jax.rules._base import Array, Rule, SiteCall, safe_divide, stable_divide, with_backward
+from lfp_jax.rules._base import Array, Rule, SiteCall, safe_divide, stable_divide, widened, with_backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,13 @@ class Epsilon(Rule):
         return self.epsilon
 
 
+@widened
+def _identity_share(ct: Array, y: Array, x: Array, eps: float | None, absolute: bool) -> Array:
+    """``c_x`` of the identity rule from ``c_y`` (``R_y`` itself when ``absolute``)."""
+    r = ct if absolute else ct * y  # R_y (given whole where a rule upstream hands R)
+    return safe_divide(r, x) if eps is None else stable_divide(r, x, eps)
+
+
 @dataclasses.dataclass(frozen=True)
 class Identity(Rule):
     r"""Identity rule for activations: ``R_x = R_y``.
@@ -53,10 +60,7 @@ class Identity(Rule):
         absolute = call.relevance_output
 
         def backward(ops, outs, ct):
-            x, y = ops[0], outs[0]
-            r = ct if absolute else ct * y  # R_y (given whole where a rule upstream hands R)
-            c_x = safe_divide(r, x) if eps is None else stable_divide(r, x, eps)
-            return [c_x] + [None] * (len(ops) - 1)
+            return [_identity_share(ct, outs[0], ops[0], eps, absolute)] + [None] * (len(ops) - 1)
 
         return with_backward(call, operands, backward, recompute=True)
 
