@@ -295,7 +295,7 @@ def _boundary_fwd(value, epsilon):
 def _boundary_bwd(epsilon, value, ct):
     if epsilon is ABSOLUTE:  # a spiking output: its producer takes the reward itself, R = y ⊙ c
         return (ct * value,)
-    # masked attention scores are -inf: they hold no reward; a NaN stays NaN, as in jax.grad
+    # a NaN stays NaN, as in jax.grad (masked -inf attention scores get 0 from the softmax rule)
     return (stabilizer_factor(ct, value, epsilon),)
 
 
