@@ -47,8 +47,6 @@ DEFAULT = "vit,gpt," + ",".join(step_time.LANGUAGE_MODELS)
 _LAYOUT = {"copy", "transpose", "convert", "bitcast", "broadcast", "slice", "pad", "concatenate",
            "reshape", "parameter", "constant", "tuple", "get-tuple-element", "iota", "dynamic-slice",
            "dynamic-update-slice"}
-_RUNTIME = ("$", "Thunk", "end:", "Pjit", "Common", "Parse", "Handle", "Slinky", "Allocate",
-            "ThreadpoolListener")
 
 
 def _compiled(name: str, batch: int):
@@ -123,19 +121,14 @@ def _profile(compiled, args: tuple, repeats: int) -> dict[str, float]:
         events = _events(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    ops = [e for e in events if not e["name"].startswith(_RUNTIME)]
+    ops = [e for e in events if e["name"] in kinds]  # operations of the compiled program
     seconds = collections.Counter()
-    unknown = 0
     for e in ops:
-        kind = kinds.get(e["name"])
-        if kind is None:
-            unknown += 1
-            continue
-        seconds[kind] += e["dur"] / 1e6 / repeats
-    alone, several = _overlap([e for e in ops if e["name"] in kinds])
+        seconds[kinds[e["name"]]] += e["dur"] / 1e6 / repeats
+    alone, several = _overlap(ops)
     out = {k: seconds[k] for k in ("matmul", "layout", "elementwise")}
     out.update(busy=sum(out.values()), alone=alone / repeats, overlapped=several / repeats,
-               operations=sum(1 for e in ops if e["name"] in kinds) / repeats)
+               operations=len(ops) / repeats)
     return out
 
 

@@ -48,6 +48,7 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
     record = taps.get("record", {}) if taps else {}
     in_taps = taps.get("in", {}) if taps else {}
     skip = taps.get("skip", ()) if taps else ()
+    by_node = _edges_by_node(plan)
 
     def reader(env: dict, stabilized: dict, weights: dict):
         def read(atom, wrapped: Any = False, tap: bool = True, use: bool = False):
@@ -79,7 +80,7 @@ def evaluate(plan: Plan, args: Sequence[Any], taps: dict | None = None,
         return False
 
     def run_site(site: Site, k: int, env: dict, read, given: Any = None) -> None:
-        wrapped = _wrapped_operands(plan, site)
+        wrapped = _wrapped_operands(plan, site, by_node)
         ops = [read(a, w, use=isinstance(a, int) and a in plan.param_uses)
                for a, w in zip(site.operands, wrapped)]
         ops = [op + in_taps[(k, j)] if (k, j) in in_taps else op for j, op in enumerate(ops)]
@@ -164,11 +165,12 @@ def _carry(plan: Plan, i: int, ins: list[Any], carried: dict) -> None:
         carried[var] = c
 
 
-def _wrapped_operands(plan: Plan, site: Site) -> list[Any]:
+def _wrapped_operands(plan: Plan, site: Site, by_node: tuple[dict, dict]) -> list[Any]:
     """Per operand: ``True`` (read through its block boundary), ``("R", ε)`` (the rule hands ``R``
-    and the producer takes ``c``: :func:`_relevance_boundary`) or ``False``."""
+    and the producer takes ``c``: :func:`_relevance_boundary`) or ``False``. ``by_node`` is
+    :func:`_edges_by_node` of the plan."""
     g = plan.graph
-    wrapped, relevant = _edges_by_node(plan)
+    wrapped, relevant = by_node
     edges = {g.nodes[r].inputs[p] for r in site.nodes for p in wrapped.get(r, ())}
     relevance = {g.nodes[r].inputs[p]: e for r in site.nodes for p, e in relevant.get(r, ())}
     out: list[Any] = []
@@ -181,19 +183,15 @@ def _wrapped_operands(plan: Plan, site: Site) -> list[Any]:
 
 
 def _edges_by_node(plan: Plan) -> tuple[dict, dict]:
-    """``plan.wrapped_edges`` and ``plan.relevance_edges`` grouped by node (computed once per plan and
-    these edge sets; every site looks up its own nodes' edges)."""
-    key = (len(plan.wrapped_edges), len(plan.relevance_edges))
-    cached = getattr(plan, "_edges_by_node", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    """``plan.wrapped_edges`` and ``plan.relevance_edges`` grouped by node, built once per evaluation of
+    the finished plan: every site then looks up only its own nodes' edges (scanning all edges per site
+    is quadratic in depth)."""
     wrapped: dict[int, list[int]] = {}
     for r, p in plan.wrapped_edges:
         wrapped.setdefault(r, []).append(p)
     relevant: dict[int, list[tuple[int, Any]]] = {}
     for (r, p), e in plan.relevance_edges.items():
         relevant.setdefault(r, []).append((p, e))
-    plan._edges_by_node = (key, (wrapped, relevant))  # type: ignore[attr-defined]
     return wrapped, relevant
 
 
