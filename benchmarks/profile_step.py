@@ -1,7 +1,7 @@
 """Where the LFP step's time goes, against the gradient step: work and parallelism.
 
     python -m benchmarks.profile_step [--models llama,gemma,...] [--batch 128] [--steps 9] [--repeats 3]
-        [--json out.json]
+        [--same] [--json out.json]
 
 For each model of :mod:`benchmarks.step_time` the jitted LFP and gradient training steps are compiled
 once and measured three ways:
@@ -21,6 +21,11 @@ once and measured three ways:
   their work.
 
 The table's columns are LFP / gradient ratios; ``--json`` writes the per-kind milliseconds as well.
+
+``--same`` measures the noise floor instead (an A/A test): each step is compiled twice, from two
+distinct ``jax.jit`` wrappers of the same function, and the four executables are timed alternately.
+The two copies run the same program, so ``LFP a / LFP b`` and ``grad a / grad b`` would be 1 on a
+quiet machine; how far they are from 1 is how far one LFP / gradient ratio can be from the truth.
 """
 
 from __future__ import annotations
@@ -158,6 +163,37 @@ def profile(name: str, batch: int, steps: int, repeats: int, one_core: bool = Tr
     return row
 
 
+def same_program(name: str, batch: int, steps: int) -> dict:
+    """The A/A test of one model: LFP and gradient steps compiled twice each, timed alternately."""
+    p, s, x, y, lfp_step, grad_step = step_time._steps(name, batch)
+    args = (p, s, x, y)
+    compiled = {}
+    for copy in ("a", "b"):  # a fresh wrapper per copy: jax.jit's cache would return the first one
+        for label, fn in (("lfp", lfp_step), ("grad", grad_step)):
+            compiled[f"{label}_{copy}"] = jax.jit(lambda *a, fn=fn: fn(*a)).lower(*args).compile()
+    for c in compiled.values():
+        jax.block_until_ready(c(*args))
+    return same_row(name, _wall(compiled, args, steps))
+
+
+def same_row(name: str, wall: dict[str, float]) -> dict:
+    """The A/A ratios from the medians of ``lfp_a``, ``lfp_b``, ``grad_a``, ``grad_b`` (seconds)."""
+    row = {"model": name, **{f"{k}_ms": 1e3 * v for k, v in wall.items()},
+           "lfp_a_over_b": wall["lfp_a"] / wall["lfp_b"], "grad_a_over_b": wall["grad_a"] / wall["grad_b"],
+           "ratio_a": wall["lfp_a"] / wall["grad_a"], "ratio_b": wall["lfp_b"] / wall["grad_b"]}
+    row["spread"] = max(abs(row[k] - 1) for k in ("lfp_a_over_b", "grad_a_over_b"))
+    return row
+
+
+def same_table(rows: list[dict]) -> str:
+    lines = ["| model | LFP a / LFP b | grad a / grad b | LFP/grad (copies a) | LFP/grad (copies b) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['lfp_a_over_b']:.3f} | {r['grad_a_over_b']:.3f} | "
+                     f"{r['ratio_a']:.3f} | {r['ratio_b']:.3f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | LFP/grad | on one core | busy | matmul | elementwise | layout | alone | "
              "elementwise LFP−grad ms | operations LFP/grad |",
@@ -182,6 +218,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=9, help="alternating timed steps per method")
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps per method")
     parser.add_argument("--no-one-core", action="store_true", help="skip the one-core timing")
+    parser.add_argument("--same", action="store_true",
+                        help="A/A test: each step compiled twice, the copies timed against each other")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     models = args.models.split(",")
@@ -189,6 +227,16 @@ def main(argv=None) -> list[dict]:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(step_time.SHAPES)}")
     rows = []
+    if args.same:
+        for m in models:
+            rows.append(same_program(m, args.batch, args.steps))
+            print(f"{m}: LFP a/b {rows[-1]['lfp_a_over_b']:.3f}, grad a/b {rows[-1]['grad_a_over_b']:.3f}",
+                  flush=True)
+        print(same_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": step_time.environment(), "same_program": rows}, f, indent=1)
+        return rows
     for m in models:
         rows.append(profile(m, args.batch, args.steps, args.repeats, not args.no_one_core))
         print(f"{m}: LFP/grad {rows[-1]['ratio']:.2f}", flush=True)

@@ -32,3 +32,13 @@ def test_kinds_of_a_compiled_program():
     assert "matmul" in kinds.values()        # the product
     assert "elementwise" in kinds.values()   # tanh / exp / the reduction
     assert all(kinds[n] == "layout" for n in kinds if n.startswith("copy") and "fusion" not in n)
+
+
+def test_same_program_ratios_are_copy_against_copy():
+    # hand-made medians: the copies of LFP differ by 10 %, those of the gradient step not at all
+    wall = {"lfp_a": 0.11, "lfp_b": 0.10, "grad_a": 0.10, "grad_b": 0.10}
+    row = profile_step.same_row("m", wall)
+    assert row["lfp_a_over_b"] == pytest.approx(1.1) and row["grad_a_over_b"] == pytest.approx(1.0)
+    assert row["ratio_a"] == pytest.approx(1.1) and row["ratio_b"] == pytest.approx(1.0)
+    assert row["spread"] == pytest.approx(0.1)
+
