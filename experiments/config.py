@@ -42,8 +42,9 @@ DEFAULTS: dict[str, Any] = {
     "name": None,             # run name; defaults to the config file's stem
     "seed": 0,
     "method": "lfp",          # lfp | gd
-    "data": {"name": "digits", "root": None, "subset": None, "options": {}},
+    "data": {"name": "digits", "root": None, "subset": None, "classes": None, "options": {}},
     "model": {"name": "mlp"},  # further keys are the model's fields (activation, hidden, ...)
+    "init": {"scale": 1.0, "from": None, "reset": []},  # initial parameters: see experiments.train.Trainer
     "input_noise": {"std": 0.0, "prob": 1.0},  # Gaussian noise on training inputs
     "reward": {"name": "softmax_loss"},        # lfp: a function of lfp_jax.rewards (+ its options)
     "epsilon": 1e-6,                           # lfp: ε of the LFP-ε composite
@@ -142,6 +143,33 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
     return check
 
 
+def integers(minimum: int | None = None, optional: bool = False, distinct: bool = False) -> Callable:
+    """A non-empty list of integers ≥ ``minimum`` (all different with ``distinct``); ``null`` with
+    ``optional``."""
+    def check(key, value):
+        if value is None and optional:
+            return value
+        if (not isinstance(value, list | tuple) or not value
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
+            raise _Bad(f"{key} must be a non-empty list of integers{' or null' if optional else ''}, "
+                       f"got {_describe(value)}")
+        if minimum is not None and min(value) < minimum:
+            raise _Bad(f"{key} must hold integers ≥ {minimum}, got {list(value)}")
+        if distinct and len(set(value)) != len(value):
+            raise _Bad(f"{key} lists an integer twice: {list(value)}")
+        return list(value)
+    return check
+
+
+def strings() -> Callable:
+    """A list of strings (possibly empty)."""
+    def check(key, value):
+        if not isinstance(value, list | tuple) or any(not isinstance(v, str) for v in value):
+            raise _Bad(f"{key} must be a list of strings, got {_describe(value)}")
+        return list(value)
+    return check
+
+
 def choice(*options, optional: bool = False) -> Callable:
     """One of ``options`` (strings); ``None`` too if ``optional``."""
     def check(key, value):
@@ -183,8 +211,9 @@ SCHEMA: dict[str, Any] = {
     "seed": integer(0),
     "method": choice(*METHODS),
     "data": {"name": string(), "root": string(optional=True), "subset": integer(1, optional=True),
-             "options": "open"},
+             "classes": integers(0, optional=True, distinct=True), "options": "open"},
     "model": "open",
+    "init": {"scale": number(0, low_open=True), "from": string(optional=True), "reset": strings()},
     "input_noise": {"std": number(0), "prob": number(0, 1)},
     "reward": "open",
     "epsilon": number(0),

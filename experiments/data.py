@@ -56,6 +56,30 @@ class Dataset:
             self, x_train=self.x_train[:n_train], y_train=self.y_train[:n_train],
             x_test=self.x_test[:n_test], y_test=self.y_test[:n_test])
 
+    def select_classes(self, classes) -> Dataset:
+        """Only the examples of ``classes``, relabelled ``0 … len(classes) - 1`` in the order given
+        (``[5, 6, 7, 8, 9]``: digit 5 becomes class 0). For transfer learning between class subsets."""
+        classes = [int(c) for c in classes]
+        if self.y_train.ndim != 1:
+            raise ValueError(f"data.classes selects examples by class; {self.name!r} has a label per "
+                             f"position (shape {self.y_train.shape[1:]} per example), not one class")
+        unknown = [c for c in classes if not 0 <= c < self.num_classes]
+        if unknown:
+            raise ValueError(f"data.classes {unknown} are not classes of {self.name!r} "
+                             f"(0 … {self.num_classes - 1})")
+        lookup = np.full(self.num_classes, -1, np.int64)
+        lookup[classes] = np.arange(len(classes))
+
+        def keep(x, y):
+            m = lookup[y] >= 0
+            return x[m], lookup[y[m]].astype(y.dtype)
+
+        x_train, y_train = keep(self.x_train, self.y_train)
+        x_test, y_test = keep(self.x_test, self.y_test)
+        return dataclasses.replace(self, name=f"{self.name}[{','.join(map(str, classes))}]",
+                                   x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                                   num_classes=len(classes))
+
 
 def load(name: str, *, root: str | None = None, seed: int = 0, **options) -> Dataset:
     """Load dataset ``name`` (see the module docstring); ``options`` go to the toy generators."""

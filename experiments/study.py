@@ -7,6 +7,8 @@
     python -m experiments.study snn           # spiking (LIF) networks: LFP vs surrogate gradients
     python -m experiments.study transformers  # ViT (MNIST, Fashion-MNIST) and a character-level decoder
     python -m experiments.study faithfulness  # perturbation curves: LRP presets against baselines
+    python -m experiments.study gaps          # where LFP trails GD: one setting at a time (--tasks)
+    python -m experiments.study transfer      # LeNet pretrained on digits 0-4, fine-tuned on 5-9
     python -m experiments.study all
 
 Options: ``--seeds N`` (default 3), ``--force`` (retrain runs that already have a summary),
@@ -479,8 +481,11 @@ def faithfulness(runner: Runner) -> dict:
     return study.faithfulness(runner)
 
 
+from experiments.gaps import gaps, transfer  # noqa: E402
+
 STUDIES = {"compare": compare, "activations": activations, "pruning": pruning_study, "rewards": rewards,
-           "snn": snn, "transformers": transformers, "faithfulness": faithfulness}
+           "snn": snn, "transformers": transformers, "faithfulness": faithfulness, "gaps": gaps,
+           "transfer": transfer}
 
 
 def main(argv=None) -> None:
@@ -492,6 +497,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--examples", type=int, default=None,
                         help="faithfulness: held-out examples per model and seed (default 128)")
+    parser.add_argument("--tasks", default="swirls",
+                        help="gaps: comma-separated, from swirls, fashion_lenet, char_lm (default swirls)")
     parser.add_argument("--out-dir", default="runs")
     parser.add_argument("--results", default="results")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

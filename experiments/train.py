@@ -379,6 +379,8 @@ class Trainer:
         d = cfg["data"]
         self.data = dataset or data_lib.load(d["name"], root=d.get("root"), seed=cfg["seed"],
                                              **(d.get("options") or {}))
+        if d.get("classes"):
+            self.data = self.data.select_classes(d["classes"])
         if d.get("subset"):
             self.data = self.data.subset(int(d["subset"]))
         model_kw = {k: v for k, v in cfg["model"].items() if k != "name"}
@@ -391,8 +393,7 @@ class Trainer:
         self.key = jax.random.key(cfg["seed"])
         self.compute_dtype = jnp.dtype(cfg.get("dtype") or "float32")
         variables = self.model.init(self.key, self._inputs(self.data.x_train[:2], self.key), train=False)
-        self.params = variables["params"]
-        self.batch_stats = variables.get("batch_stats")
+        self.params, self.batch_stats = self._initial(variables["params"], variables.get("batch_stats"))
         self.steps_per_epoch = max(len(self.data.x_train) // cfg["batch_size"], 1)
         self.optimizer = optim.make(cfg["optimizer"], cfg["epochs"] * self.steps_per_epoch)
         self.opt_state = self.optimizer.init(self.params)
@@ -402,6 +403,53 @@ class Trainer:
         self.train_step = jax.jit(self._make_step())
         self.predict = jax.jit(self._predict)
         self.eval_key = jax.random.fold_in(self.key, 2**31 - 1)  # rate coding of test batches
+
+    def _initial(self, params, batch_stats):
+        """The initial parameters and BatchNorm statistics under ``cfg["init"]``.
+
+        * ``scale``: every initial float parameter multiplied by it (kernels and biases; 1 keeps the
+          model's initialisation). LFP's feedback is proportional to ``|θ|``, so this sets how fast
+          each weight can move at the start.
+        * ``from``: a run folder (its ``checkpoint.msgpack``) or a checkpoint file of the trainer: the
+          parameters and statistics start from those, verified like a ``--resume`` (integrity, finite
+          values, and every array's shape and dtype must be this model's). The optimiser starts
+          afresh. ``reset`` names top-level parameter collections (``Dense_2``, see ``describe``) that
+          keep their fresh initialisation instead: a new head for a new task. ``scale`` applies to the
+          fresh initialisation only.
+        """
+        init = self.cfg["init"]
+        if init["scale"] != 1:
+            params = jax.tree.map(lambda p: p * jnp.asarray(init["scale"], p.dtype)
+                                  if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+        if init["reset"] and not init["from"]:
+            raise config_lib.ConfigError("init.reset names parameters to keep fresh when starting from a "
+                                         "checkpoint; set init.from too, or leave init.reset empty")
+        if not init["from"]:
+            return params, batch_stats
+        source = init["from"]
+        path = os.path.join(source, CHECKPOINT) if os.path.isdir(source) else source
+        state = read_checkpoint(path)
+        loaded = {"params": state["params"], "batch_stats": state.get("batch_stats")}
+        fresh = {"params": flax.serialization.to_state_dict(params),
+                 "batch_stats": flax.serialization.to_state_dict(batch_stats)}
+        unknown = sorted(set(init["reset"]) - set(fresh["params"]))
+        if unknown:
+            raise config_lib.ConfigError(f"init.reset: {unknown} are not parameters of this model; its "
+                                         f"top-level parameters are {sorted(fresh['params'])}")
+        for part in ("params", "batch_stats"):
+            for name in init["reset"]:
+                if isinstance(loaded[part], dict) and isinstance(fresh[part], dict) and name in fresh[part]:
+                    loaded[part] = {**loaded[part], name: fresh[part][name]}
+        wanted = {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
+        self._check_structure(loaded, wanted, f"init.from: {path}", advice=(
+            "the checkpoint's model differs from this config's. Start from a run of the same model; a "
+            "layer whose shape changes with the task (the classifier of another number of classes) "
+            f"belongs in init.reset (top-level parameters: {sorted(fresh['params'])})"))
+        bad = nonfinite_leaves(loaded)
+        if bad:
+            raise CheckpointError(f"init.from: {path} holds non-finite values in {', '.join(bad[:8])}")
+        restored = flax.serialization.from_state_dict({"params": params, "batch_stats": batch_stats}, loaded)
+        return restored["params"], restored["batch_stats"]
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -579,7 +627,7 @@ class Trainer:
         return self.load_state(blob, path)
 
     @staticmethod
-    def _check_structure(restored: dict, target: dict, source: str) -> None:
+    def _check_structure(restored: dict, target: dict, source: str, advice: str | None = None) -> None:
         got, want = _flatten(restored), _flatten(target)
         got.pop("epoch", None)
         want.pop("epoch", None)
@@ -591,11 +639,11 @@ class Trainer:
                                 f"for this config")
         if problems:
             shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+            advice = advice or ("the config (model, optimizer, dtype) or the code changed since it was "
+                                "written. Resume with the config of the run (its config.yaml), or start a "
+                                "new run (another name or out_dir, or delete the run folder)")
             raise CheckpointError(
-                f"{source} does not match the model and optimiser of this config ({shown}): the config "
-                f"(model, optimizer, dtype) or the code changed since it was written. Resume with the "
-                f"config of the run (its config.yaml), or start a new run (another name or out_dir, or "
-                f"delete the run folder)")
+                f"{source} does not match the model and optimiser of this config ({shown}): {advice}")
 
     def run_epoch(self, epoch: int, progress: bool = True) -> dict:
         """One epoch; ``progress``: a progress bar on stderr, drawn only where stderr is a terminal."""
