@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "name": None,             # run name; defaults to the config file's stem
     "seed": 0,
     "method": "lfp",          # lfp | gd
-    "data": {"name": "digits", "root": None, "subset": None, "classes": None, "options": {}},
+    "data": {"name": "digits", "root": None, "subset": None, "classes": None, "train_examples": None,
+             "options": {}},
     "model": {"name": "mlp"},  # further keys are the model's fields (activation, hidden, ...)
     "init": {"scale": 1.0, "from": None, "reset": []},  # initial parameters: see experiments.train.Trainer
     "input_noise": {"std": 0.0, "prob": 1.0},  # Gaussian noise on training inputs
@@ -211,7 +212,8 @@ SCHEMA: dict[str, Any] = {
     "seed": integer(0),
     "method": choice(*METHODS),
     "data": {"name": string(), "root": string(optional=True), "subset": integer(1, optional=True),
-             "classes": integers(0, optional=True, distinct=True), "options": "open"},
+             "classes": integers(0, optional=True, distinct=True),
+             "train_examples": integer(1, optional=True), "options": "open"},
     "model": "open",
     "init": {"scale": number(0, low_open=True), "from": string(optional=True), "reset": strings()},
     "input_noise": {"std": number(0), "prob": number(0, 1)},

@@ -62,6 +62,8 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
             "ε": [(f"{e:g}", {"epsilon": e}, None) for e in (1e-6, 1e-3, 1e-2, 1e-1)],
             "reward": [(r, {"reward": {"name": r}}, None)
                        for r in ("softmax_loss", "sigmoid_loss", "bounded_softmax")],
+            "Adam (lr 3e-3), epochs": [(str(e), m, m) for e in (10, 30, 100)
+                                       for m in [{**_adam(3e-3), "epochs": e}]],
             "Adam, 100 epochs, width 128-64": [
                 (f"{lr:g}", m, m) for lr in (1e-3, 3e-3, 1e-2)
                 for m in [{**_adam(lr), "epochs": 100, "model": {"name": "mlp", "hidden": [128, 64]}}]],
@@ -75,11 +77,15 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
             "initial scale": [(f"{s:g}", {"init": {"scale": s}}, {"init": {"scale": s}}) for s in (1, 2)],
             "ε": [(f"{e:g}", {"epsilon": e}, None) for e in (1e-6, 1e-2)],
         }
-    if task == "char_lm":
+    if task == "char_lm":  # 3 epochs take 9 minutes per run on 2 CPU cores: the factors are 1-epoch probes
+        one = {"epochs": 1}
         return {
-            "Adam, learning rate": [(f"{lr:g}", _adam(lr), _adam(lr)) for lr in (1e-3, 3e-3)],
-            "epochs": [(str(e), {"epochs": e}, {"epochs": e}) for e in (3, 6)],
-            "ε": [(f"{e:g}", {"epsilon": e}, None) for e in (1e-6, 1e-2)],
+            "rules at attention and gates (1 epoch)": [
+                ("AttnLRP (default)", one, one),
+                ("gradient (reference_vit)", {**one, "composite": "reference_vit"}, None)],
+            "Adam, learning rate (1 epoch)": [
+                (f"{lr:g}", m, m) for lr in (1e-3, 3e-3)
+                for m in [{**one, "optimizer": {"lr": lr}}]],
         }
     raise ValueError(f"unknown gap task {task!r}; choose from {sorted(TASKS)}")
 
@@ -93,10 +99,29 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
 
 
+def _run_name(runner, file: str, overrides: dict, name: str) -> str:
+    """The name runs of this setting are trained under: ``name``, or the name of an identical setting
+    already met (the base's own value of a factor), so that each setting is trained once."""
+    import json
+
+    def plain(v):  # 1 and 1.0 are one setting
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    cfg = runner.cfg(file, {**overrides, "name": "_"})
+    key = json.dumps(plain({k: v for k, v in cfg.items() if k != "name"}), sort_keys=True, default=str)
+    return runner.__dict__.setdefault("_gap_names", {}).setdefault(key, name)
+
+
 def _summaries(runner, stem: str, method: str, overrides: dict, name: str, metric: str) -> dict | None:
+    """The runs of one setting on every seed, aggregated."""
     from experiments.study import aggregate
 
-    runs = runner.seeds(f"{stem}_{method}.yaml", {**overrides, "name": name})
+    file = f"{stem}_{method}.yaml"
+    runs = runner.seeds(file, {**overrides, "name": _run_name(runner, file, overrides, name)})
     if not runs:
         return None
     out = aggregate(runs)
@@ -129,6 +154,101 @@ def gap_task(runner, task: str) -> dict:
     return results
 
 
+# the runs whose training dynamics the swirls diagnosis compares: (label, method, factor, value)
+DYNAMICS = (("LFP, SGD", "lfp", "epochs", "100"), ("GD, SGD", "gd", "epochs", "100"),
+            ("LFP, Adam", "lfp", "Adam (lr 3e-3), epochs", "100"),
+            ("GD, Adam", "gd", "Adam (lr 3e-3), epochs", "100"))
+
+
+def dynamics(runner, task: str) -> dict:
+    """What training does to the weights, for the 100-epoch runs of :data:`DYNAMICS`: test accuracy
+    per epoch, and, per seed, from the initial parameters (the trainer's own initialisation of the
+    run's config) to the final checkpoint: the share of kernel entries whose sign flipped, and the
+    spread of the kernels' magnitudes (standard deviation of log10 |w| over all entries, and the
+    largest |w|)."""
+    from experiments import config as config_lib
+    from experiments import train as train_lib
+
+    stem, base, _, _ = TASKS[task]
+    fs = factors(task)
+    out = {}
+    for label, method, factor, value in DYNAMICS:
+        lfp_over, gd_over = next((lo, go) for v, lo, go in fs[factor] if v == value)
+        overrides = _merge(base[method], lfp_over if method == "lfp" else gd_over)
+        file = f"{stem}_{method}.yaml"
+        name = _run_name(runner, file, overrides, f"gap_{task}_{_slug(factor)}_{_slug(value)}_{method}")
+        rows = []
+        for seed in range(runner.args.seeds):
+            cfg = runner.cfg(file, {**overrides, "name": name}, seed)
+            folder = config_lib.run_dir(cfg)
+            path = os.path.join(folder, train_lib.CHECKPOINT)
+            if not os.path.exists(path):
+                continue
+            start = train_lib.Trainer(cfg).params
+            end = train_lib.read_checkpoint(path)["params"]
+            w0 = np.concatenate([np.ravel(np.asarray(start[k]["kernel"])) for k in sorted(start)])
+            w1 = np.concatenate([np.ravel(np.asarray(end[k]["kernel"])) for k in sorted(start)])
+            with open(os.path.join(folder, "metrics.jsonl")) as f:
+                import json
+                curve = [json.loads(line)["test_accuracy"] for line in f if line.strip()]
+            rows.append({"sign_flips": float(np.mean(np.sign(w0) != np.sign(w1))),
+                         "dead_units": _dead_units(cfg, end),
+                         "log10_spread_start": float(np.std(np.log10(np.abs(w0) + 1e-30))),
+                         "log10_spread_end": float(np.std(np.log10(np.abs(w1) + 1e-30))),
+                         "max_abs_start": float(np.abs(w0).max()), "max_abs_end": float(np.abs(w1).max()),
+                         "curve": curve})
+        if rows:
+            out[label] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]
+                          if k not in ("curve", "dead_units")}
+            out[label]["dead_units"] = [r["dead_units"] for r in rows]
+            out[label]["curves"] = [r["curve"] for r in rows]
+    return out
+
+
+def _dead_units(cfg: dict, params: dict) -> list[float]:
+    """Per hidden layer of a ReLU MLP, the share of units that are 0 on every test example (a dead
+    unit passes no reward back, so under LFP its incoming weights never change again)."""
+    from experiments import train as train_lib
+
+    t = train_lib.Trainer(cfg)
+    _, state = t.model.apply({"params": params}, t.data.x_test, capture_intermediates=True)
+    pre = state["intermediates"]
+    hidden = sorted(k for k in pre if k.startswith("Dense_"))[:-1]   # the last Dense is the classifier
+    return [float(np.mean(np.asarray(pre[k]["__call__"][0]).max(0) <= 0)) for k in hidden]
+
+
+def plot_dynamics(result: dict, path: str) -> None:
+    """Test accuracy per epoch (mean over seeds) and the weights' sign flips and magnitude spread."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (label, r) in enumerate(result.items()):
+        curves = np.array(r["curves"], float) * 100
+        a.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), color=f"C{i}", label=label)
+    a.set_xlabel("epoch")
+    a.set_ylabel("test accuracy (%)")
+    a.set_xscale("log")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    a.set_title("swirls, 100 epochs (mean of seeds)", fontsize=9)
+    labels = list(result)
+    x = np.arange(len(labels))
+    b.bar(x - 0.2, [100 * result[k]["sign_flips"] for k in labels], 0.4, label="kernel signs flipped (%)")
+    b2 = b.twinx()
+    b2.bar(x + 0.2, [result[k]["log10_spread_end"] for k in labels], 0.4, color="C3",
+           label="std of log10 |w| at the end")
+    b2.axhline(np.mean([result[k]["log10_spread_start"] for k in labels]), color="C3", ls=":",
+               label="… at initialisation")
+    b.set_xticks(x, labels, fontsize=8)
+    b.set_ylabel("signs flipped (%)")
+    b2.set_ylabel("std of log10 |w|")
+    h1, l1 = b.get_legend_handles_labels()
+    h2, l2 = b2.get_legend_handles_labels()
+    b.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+    b.set_title("kernels after 100 epochs, from their initialisation", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_task(task: str, result: dict, path: str) -> None:
     """One panel per factor: the metric of LFP and GD against the factor's values (mean ± std)."""
     metric = result["metric"]
@@ -152,7 +272,8 @@ def plot_task(task: str, result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(items):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{task}: one setting varied at a time ({metric.replace('_', ' ')}, mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -169,6 +290,10 @@ def gaps(runner) -> dict:
         results[task] = gap_task(runner, task)
         os.makedirs(folder, exist_ok=True)
         plot_task(task, results[task], os.path.join(folder, f"gaps_{task}.png"))
+        if task == "swirls":
+            results[task]["dynamics"] = dynamics(runner, task)
+            if results[task]["dynamics"]:
+                plot_dynamics(results[task]["dynamics"], os.path.join(folder, "gaps_swirls_dynamics.png"))
     old = os.path.join(folder, "results.json")
     if os.path.exists(old):  # keep the tasks of earlier invocations (--tasks runs one part at a time)
         import json
@@ -179,6 +304,8 @@ def gaps(runner) -> dict:
 
 
 # --- transfer learning ----------------------------------------------------------------------------
+
+LOW_DATA, LOW_DATA_EPOCHS = 1000, 20   # the low-data rows: 1000 labelled examples of digits 5-9
 
 FINE_TUNE = (("LFP fine-tuning", "transfer_finetune_lfp.yaml", {}),
              ("GD fine-tuning", "transfer_finetune_gd.yaml", {}),
@@ -191,7 +318,14 @@ FINE_TUNE = (("LFP fine-tuning", "transfer_finetune_lfp.yaml", {}),
              ("LFP from scratch, correct_class reward", "transfer_finetune_lfp.yaml",
               {"reward": {"name": "correct_class"}, "init": {"from": None, "reset": []}}),
              ("LFP from scratch, misclassification reward", "transfer_finetune_lfp.yaml",
-              {"reward": {"name": "misclassification"}, "init": {"from": None, "reset": []}}))
+              {"reward": {"name": "misclassification"}, "init": {"from": None, "reset": []}}),
+             *((f"{label}, {LOW_DATA} examples", file, {**over, "data": {"train_examples": LOW_DATA},
+                                                         "epochs": LOW_DATA_EPOCHS})
+               for label, file, over in (
+                   ("LFP fine-tuning", "transfer_finetune_lfp.yaml", {}),
+                   ("GD fine-tuning", "transfer_finetune_gd.yaml", {}),
+                   ("LFP from scratch", "transfer_finetune_lfp.yaml", {"init": {"from": None, "reset": []}}),
+                   ("GD from scratch", "transfer_finetune_gd.yaml", {"init": {"from": None, "reset": []}}))))
 
 
 def transfer(runner) -> dict:
@@ -235,18 +369,27 @@ def _epoch_accuracies(run_dir: str) -> list[float]:
 
 
 def plot_transfer(results: dict, path: str) -> None:
-    """Test accuracy on digits 5–9 per epoch, mean over seeds, every row of the table."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for i, (label, row) in enumerate(results["rows"].items()):
-        curves = np.array(row["curves"], float) * 100
-        style = "-" if "fine-tuning" in label else "--"
-        ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), style, marker="o", color=f"C{i}",
-                label=f"{label} ({row['mean'] * 100:.1f} %)")
-    ax.set_xlabel("epoch on digits 5–9")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MNIST digits 5–9: LeNet pretrained by GD on digits 0–4, fine-tuned, against scratch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    """Test accuracy on digits 5–9 per epoch, mean over seeds: all the training data (left), and
+    :data:`LOW_DATA` labelled examples (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    rows = list(results["rows"])
+    groups = ([k for k in rows if "examples" not in k], [k for k in rows if "examples" in k])
+    titles = ("all training examples of digits 5–9", f"{LOW_DATA} training examples of digits 5–9")
+    for ax, labels, title in zip(axes, groups, titles):
+        for i, label in enumerate(labels):
+            row = results["rows"][label]
+            curves = np.array(row["curves"], float) * 100
+            style = "-" if "fine-tuning" in label else "--"
+            ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), style, marker="o", ms=3,
+                    color=f"C{i}", label=f"{label} ({row['mean'] * 100:.1f} %)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy on digits 5–9 (%)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if labels:
+            ax.legend(fontsize=7)
+    fig.suptitle("LeNet pretrained by gradient descent on MNIST digits 0–4, fine-tuned on 5–9, against "
+                 "training from scratch")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

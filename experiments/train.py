@@ -383,6 +383,8 @@ class Trainer:
             self.data = self.data.select_classes(d["classes"])
         if d.get("subset"):
             self.data = self.data.subset(int(d["subset"]))
+        if d.get("train_examples"):  # fewer labelled examples; the test set stays whole
+            self.data = self.data.subset(int(d["train_examples"]), len(self.data.x_test))
         model_kw = {k: v for k, v in cfg["model"].items() if k != "name"}
         self.model = models.build(cfg["model"]["name"], self.data.num_classes, **model_kw)
         self.spiking = cfg["model"]["name"] in models.SPIKING

@@ -90,3 +90,10 @@ def test_pretrained_start_errors_say_what_to_change(tmp_path):
         train.Trainer(_cfg(tmp_path / "x", "init.reset=[Dense_2]"))
     with pytest.raises(train.CheckpointError, match="cannot read checkpoint"):
         train.Trainer(_cfg(tmp_path / "x", f"init.from={tmp_path / 'nowhere'}"))
+
+
+def test_train_examples_keeps_the_whole_test_set(tmp_path):
+    full = train.Trainer(_cfg(tmp_path, "data.subset=null"))
+    few = train.Trainer(_cfg(tmp_path, "data.subset=null", "data.train_examples=100"))
+    assert len(few.data.x_train) == 100 and len(few.data.x_test) == len(full.data.x_test)
+    np.testing.assert_array_equal(few.data.x_train, full.data.x_train[:100])
