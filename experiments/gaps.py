@@ -193,6 +193,7 @@ def dynamics(runner, task: str) -> dict:
                 curve = [json.loads(line)["test_accuracy"] for line in f if line.strip()]
             rows.append({"sign_flips": float(np.mean(np.sign(w0) != np.sign(w1))),
                          "dead_units": _dead_units(cfg, end),
+                         "near_zero": float(np.mean(np.abs(w1) < 1e-3)),
                          "log10_spread_start": float(np.std(np.log10(np.abs(w0) + 1e-30))),
                          "log10_spread_end": float(np.std(np.log10(np.abs(w1) + 1e-30))),
                          "max_abs_start": float(np.abs(w0).max()), "max_abs_end": float(np.abs(w1).max()),
@@ -219,7 +220,7 @@ def _dead_units(cfg: dict, params: dict) -> list[float]:
 
 def plot_dynamics(result: dict, path: str) -> None:
     """Test accuracy per epoch (mean over seeds) and the weights' sign flips and magnitude spread."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 3.9))
     for i, (label, r) in enumerate(result.items()):
         curves = np.array(r["curves"], float) * 100
         a.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), color=f"C{i}", label=label)
@@ -244,6 +245,16 @@ def plot_dynamics(result: dict, path: str) -> None:
     h2, l2 = b2.get_legend_handles_labels()
     b.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
     b.set_title("kernels after 100 epochs, from their initialisation", fontsize=9)
+    dead = {k: np.mean(np.array(result[k]["dead_units"], float), 0) * 100 for k in labels}
+    layers = len(next(iter(dead.values())))
+    for j in range(layers):
+        w = 0.8 / layers
+        c.bar(x + (j - (layers - 1) / 2) * w, [dead[k][j] for k in labels], w, label=f"hidden layer {j + 1}")
+    c.set_xticks(x, labels, fontsize=8)
+    c.set_ylabel("dead units (%)")
+    c.set_title("units that are 0 on every test example, after 100 epochs", fontsize=9)
+    c.legend(fontsize=7)
+    c.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -325,7 +336,13 @@ FINE_TUNE = (("LFP fine-tuning", "transfer_finetune_lfp.yaml", {}),
                    ("LFP fine-tuning", "transfer_finetune_lfp.yaml", {}),
                    ("GD fine-tuning", "transfer_finetune_gd.yaml", {}),
                    ("LFP from scratch", "transfer_finetune_lfp.yaml", {"init": {"from": None, "reset": []}}),
-                   ("GD from scratch", "transfer_finetune_gd.yaml", {"init": {"from": None, "reset": []}}))))
+                   ("GD from scratch", "transfer_finetune_gd.yaml", {"init": {"from": None, "reset": []}}))),
+             # the discrete rewards from a start that already solves the task in part: the LFP run fine-tuned
+             # on 1000 examples (head included), trained on all examples; softmax_loss as the control
+             *((f"LFP from the {LOW_DATA}-example fine-tuning, {reward} reward", "transfer_finetune_lfp.yaml",
+                {"reward": {"name": reward},
+                 "init": {"from": f"LFP fine-tuning, {LOW_DATA} examples", "reset": []}})
+               for reward in ("softmax_loss", "correct_class", "misclassification")))
 
 
 def transfer(runner) -> dict:
@@ -344,13 +361,19 @@ def transfer(runner) -> dict:
             return results
         pre_runs.append(summary)
     results["pretrain"] = aggregate(pre_runs)
+    dirs: dict[str, list[str]] = {}   # row label → its run folder per seed
     for label, file, over in FINE_TUNE:
         runs = []
+        start = over.get("init", {}).get("from", "")
         for seed, pre in enumerate(pre_dirs):
             extra = config_lib.merge({"name": f"transfer_{_slug(label)}"}, over)
-            if extra.get("init", {}).get("from", "") is not None:
+            if start in dirs:        # from an earlier row's run of the same seed
+                extra = config_lib.merge(extra, {"init": {"from": dirs[start][seed]}})
+            elif start is not None:  # from the pretraining run
                 extra = config_lib.merge(extra, {"init": {"from": pre}})
-            got = runner.run(runner.cfg(file, extra, seed))
+            cfg = runner.cfg(file, extra, seed)
+            dirs.setdefault(label, []).append(config_lib.run_dir(cfg))
+            got = runner.run(cfg)
             if got is not None:
                 runs.append(got)
         if runs:

@@ -192,6 +192,54 @@ def _gaps_section(folder: str, gaps: dict) -> list[str]:
                 out.append(f"| {factor} | {label} | {_metric(cell.get('lfp'), metric)} | "
                            f"{_metric(cell.get('gd'), metric)} |")
         out += ["", _img(folder, "gaps", f"gaps_{task}.png")]
+        if res.get("dynamics"):
+            out += _swirls_dynamics(folder, res)
+    return out
+
+
+def _swirls_dynamics(folder: str, res: dict) -> list[str]:
+    """What the 100-epoch swirls runs show, computed from their curves and checkpoints."""
+    dyn = res["dynamics"]
+    out = ["What holds LFP back on swirls (the 100-epoch runs, mean over seeds; curves from "
+           "`metrics.jsonl`, weights from the final checkpoints against the trainer's initialisation of "
+           "the same config):", "",
+           "| run | best epoch (accuracy) | after 100 epochs | kernel signs flipped | "
+           "std of log10 \\|w\\| (start → end) | \\|w\\| < 1e-3 at the end | dead units per hidden layer |",
+           "|---|---|---|---|---|---|---|"]
+    for label, d in dyn.items():
+        curve = np.mean(np.array(d["curves"], float), 0) * 100
+        dead = np.mean(np.array(d["dead_units"], float), 0) * 100
+        out.append(f"| {label} | {int(np.argmax(curve)) + 1} ({curve.max():.1f} %) | {curve[-1]:.1f} % | "
+                   f"{100 * d['sign_flips']:.1f} % | "
+                   f"{d['log10_spread_start']:.2f} → {d['log10_spread_end']:.2f} | "
+                   f"{100 * d.get('near_zero', float('nan')):.1f} % | "
+                   + " / ".join(f"{v:.0f} %" for v in dead) + " |")
+    sgd, adam = dyn.get("LFP, SGD"), dyn.get("LFP, Adam")
+    if sgd and adam:
+        dead_sgd = np.mean(np.array(sgd["dead_units"], float), 0) * 100
+        c_sgd = np.mean(np.array(sgd["curves"], float), 0) * 100
+        c_adam = np.mean(np.array(adam["curves"], float), 0) * 100
+        gd_curves = {k: np.mean(np.array(v["curves"], float), 0)[-1] * 100 for k, v in dyn.items()
+                     if k.startswith("GD")}
+        out += ["", f"With SGD, LFP peaks at {c_sgd.max():.1f} % (epoch {int(np.argmax(c_sgd)) + 1}) and "
+                f"then falls to {c_sgd[-1]:.1f} %, a constant prediction: by the end "
+                f"{dead_sgd[-1]:.0f} % of the last hidden layer's units are 0 on every test example, and a "
+                "dead ReLU unit passes no reward back, so nothing below it changes again. LFP's feedback "
+                "is |θ| ⊙ (the reward's gradient-like signal) (Theorem 1), so an SGD step moves each "
+                "weight in proportion to its own magnitude: large weights and biases take large steps, "
+                "magnitudes spread over decades, and a unit whose inputs and bias are pushed negative "
+                "does not come back. Adam divides each parameter's feedback by its running scale, which "
+                "removes the |θ| factor from the step size: with Adam LFP reaches "
+                f"{c_adam[-1]:.1f} % after 100 epochs, against "
+                + ", ".join(f"{k} {v:.1f} %" for k, v in gd_curves.items())
+                + ". The swirls gap is SGD with LFP's |θ|-proportional steps, not LFP's "
+                "direction: under Adam LFP matches gradient descent (also at width 128-64, "
+                f"table above). Under LFP with Adam, {100 * adam.get('near_zero', float('nan')):.0f} % "
+                "of the kernel entries end below 1e-3 in magnitude (gradient descent with Adam: "
+                f"{100 * dyn.get('GD, Adam', {}).get('near_zero', float('nan')):.1f} %): a weight whose "
+                "feedback is proportional to its size stays small once small, the sparsity the paper "
+                "reports, here without a loss in accuracy.",
+                "", _img(folder, "gaps", "gaps_swirls_dynamics.png")]
     return out
 
 
@@ -205,10 +253,37 @@ def _transfer_section(folder: str, tr: dict) -> list[str]:
            "checkpoint, the classifier `Dense_2` re-initialised by `init.reset`; 3 epochs, the "
            "learning rates of `mnist_lenet_*`). The scratch rows are the same configs with no "
            "pretrained start.", "",
-           "| run (digits 5–9, 3 epochs) | test accuracy | after epoch 1 |", "|---|---|---|"]
+           "| run (digits 5–9; 3 epochs, the 1000-example rows 20) | test accuracy | after epoch 1 |",
+           "|---|---|---|"]
     for label, row in tr.get("rows", {}).items():
         first = np.mean([c[0] for c in row.get("curves", []) if c]) if row.get("curves") else float("nan")
         out.append(f"| {label} | {_fmt(row)} | {100 * first:.1f} % |")
+    rows = tr.get("rows", {})
+
+    def acc(label):
+        return 100 * rows[label]["mean"] if label in rows else float("nan")
+
+    low = [k for k in rows if k.endswith("examples")]
+    if "LFP fine-tuning" in rows and "LFP from scratch" in rows:
+        text = (f"With all examples, 3 epochs are enough for training from scratch: LFP fine-tuning "
+                f"{acc('LFP fine-tuning'):.2f} %, from scratch {acc('LFP from scratch'):.2f} %; GD "
+                f"{acc('GD fine-tuning'):.2f} % and {acc('GD from scratch'):.2f} %.")
+        if low:
+            n = low[0].rsplit(", ", 1)[1]
+            text += (f" With {n}, the pretrained start matters: LFP fine-tuning "
+                     f"{acc('LFP fine-tuning, ' + n):.2f} % against {acc('LFP from scratch, ' + n):.2f} % "
+                     f"from scratch; GD {acc('GD fine-tuning, ' + n):.2f} % against "
+                     f"{acc('GD from scratch, ' + n):.2f} %.")
+        out += ["", text]
+    discrete = [k for k in rows if "correct_class" in k or "misclassification" in k]
+    if discrete:
+        out += ["", "The discrete rewards: " + "; ".join(f"{k}: {acc(k):.2f} %" for k in discrete) + ". "
+                "With a classifier re-initialised for the new classes the pretrained start does not help "
+                "them: the classifier starts at chance, where these rewards have nothing to reinforce "
+                "but the few right answers (correct_class) or only push down (misclassification), and "
+                "the network settles on one class, as from a random start. From a model that already "
+                "solves the task in part (the LFP run fine-tuned on the low-data rows, head included) "
+                "they are compared with softmax_loss under the same settings."]
     out += ["", _img(folder, "transfer", "transfer.png")]
     return out
 
