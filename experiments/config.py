@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "reward": {"name": "softmax_loss"},        # lfp: a function of lfp_jax.rewards (+ its options)
     "epsilon": 1e-6,                           # lfp: ε of the LFP-ε composite
     "composite": "lfp_epsilon",                # lfp: lfp_epsilon (AttnLRP at attention) | reference_vit
+    "products": "uniform",                     # lfp_epsilon at products: uniform (AttnLRP) | gradient
     "dropout_rescale": True,                   # lfp: the reference's 1/(1-p) at dropout
     "dtype": "float32",       # float32 | bfloat16: compute dtype of the training and evaluation passes
     "epochs": 10,
@@ -220,6 +221,7 @@ SCHEMA: dict[str, Any] = {
     "reward": "open",
     "epsilon": number(0),
     "composite": choice(*COMPOSITES),
+    "products": choice("uniform", "gradient"),
     "dropout_rescale": boolean,
     "dtype": choice(*DTYPES),
     "epochs": integer(1),

@@ -80,6 +80,8 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
             "rules at attention and gates (1 epoch)": [
                 ("AttnLRP (default)", one, one),
                 ("gradient (reference_vit)", {**one, "composite": "reference_vit"}, None)],
+            "rules at attention and gates (3 epochs)": [
+                ("gradient (reference_vit)", {"composite": "reference_vit"}, None)],
             "Adam, learning rate (1 epoch)": [
                 (f"{lr:g}", m, m) for lr in (1e-3, 3e-3)
                 for m in [{**one, "optimizer": {"lr": lr}}]],

@@ -359,7 +359,8 @@ def composite_of(cfg: dict) -> lfp_jax.Composite:
     ``reference_vit`` (the reference's transformer behaviour: the plain gradient there)."""
     name = cfg.get("composite", "lfp_epsilon")
     if name == "lfp_epsilon":
-        return lfp_jax.lfp_epsilon(cfg["epsilon"], dropout_rescale=cfg["dropout_rescale"])
+        return lfp_jax.lfp_epsilon(cfg["epsilon"], dropout_rescale=cfg["dropout_rescale"],
+                                   products=cfg.get("products", "uniform"))
     if name == "reference_vit":
         return lfp_jax.composites.reference_vit(cfg["epsilon"])
     raise ValueError(f"composite must be 'lfp_epsilon' or 'reference_vit', got {name!r}")

@@ -191,7 +191,8 @@ def _show(obj: Any) -> str:
 
 
 @_preset
-def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Composite:
+def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True,
+                products: str = "uniform") -> Composite:
     """The reference LFP-ε composite (lfprop's ``LFPEpsilonComposite``), with AttnLRP's rules where the
     reference has none.
 
@@ -205,11 +206,27 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
     values (``q·kᵀ``, attention · values, gates) AttnLRP's :class:`~lfp_jax.rules.UniformProduct` with
     the same ε. (The reference's ViT gives these sites the plain gradient: :func:`reference_vit`.)
 
+    ``products="gradient"`` is a variant for training: products of two input-dependent values get the
+    plain gradient (:class:`~lfp_jax.rules.Gradient`) instead of the uniform split. For ``y = a ⊙ b``
+    the uniform rule hands each factor half the reward, ``c_a = ½ b ⊙ c_y`` in normalised form (the
+    relevance is conserved, which an explanation needs); the gradient hands each the whole,
+    ``c_a = b ⊙ c_y``. With it, every rule of a ReLU transformer is the gradient in normalised form as
+    ε → 0 (the softmax rule is its VJP), so Theorem 1 holds there too, ``F_θ = −|θ| ⊙ ∇_θ Σ CE``
+    (tested). Relevance is not conserved at products (a product's two factors get ``2 R_y`` between
+    them); use it to train, and the default to explain. RESULTS.md ("Where LFP trails gradient
+    descent") measures it on the character language model.
+
     Args:
       epsilon: ε of every ε rule; 1e-6 in the reference (1.0 for its transformers).
       dropout_rescale: reproduce the reference's ``1/(1-p)`` rescaling of reward at dropout layers.
+      products: ``"uniform"`` (AttnLRP's rule, the default) or ``"gradient"`` at products of two
+        input-dependent values (``q·kᵀ``, attention · values, gates).
     """
+    if products not in ("uniform", "gradient"):
+        raise ValueError(f"products must be 'uniform' (AttnLRP's rule, the default) or 'gradient', "
+                         f"got {products!r}")
     eps = R.Epsilon(epsilon)
+    variant = ", products='gradient'" if products == "gradient" else ""
     return Composite(
         entries=(
             (Match(kind="linear"), eps),
@@ -222,10 +239,10 @@ def lfp_epsilon(epsilon: float = 1e-6, *, dropout_rescale: bool = True) -> Compo
             (Match(kind="dropout"), R.Dropout(rescale=dropout_rescale)),
             (Match(kind="spiking"), R.SpikingEpsilon(epsilon)),
             (Match(kind="softmax", label="softmax"), R.SoftmaxTaylor()),
-            (Match(kind="bilinear"), R.UniformProduct(epsilon)),
+            (Match(kind="bilinear"), R.UniformProduct(epsilon) if products == "uniform" else R.Gradient()),
             (Match(kind="embedding"), R.Embedding()),
         ),
-        name=f"lfp_epsilon(epsilon={epsilon:g})",
+        name=f"lfp_epsilon(epsilon={epsilon:g}{variant})",
     )
 
 

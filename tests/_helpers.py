@@ -46,7 +46,8 @@ def theorem1_expected(fun, params, *inputs, labels, has_aux=False):
     return jax.jit(lambda p, i, y: theorem1_reference(fun, p, i, y, has_aux))(params, inputs, labels)
 
 
-def assert_theorem1(fun, params, *inputs, labels, has_aux=False, rtol=1e-8, zero_gradient=(), **kw):
+def assert_theorem1(fun, params, *inputs, labels, has_aux=False, rtol=1e-8, zero_gradient=(), composite=None,
+                    **kw):
     """LFP feedback (``lfp_epsilon(1e-12)``, softmax-loss reward, jitted) equals ``-|θ| ⊙ ∇_θ Σ CE``.
 
     Per parameter leaf, ``max|got − want| / max(max|want|, 1e-6 · scale) <= rtol`` with ``scale`` the
@@ -58,7 +59,7 @@ def assert_theorem1(fun, params, *inputs, labels, has_aux=False, rtol=1e-8, zero
     before a train-mode BatchNorm, which subtracts it again. For them ``|want|`` must be rounding noise
     (``<= 1e-14 · scale``) and ``|got|`` (ε's residue alone) at most ``rtol · scale``.
     """
-    composite = lfp_jax.lfp_epsilon(1e-12)
+    composite = lfp_jax.lfp_epsilon(1e-12) if composite is None else composite
     g = lfp_jax.lfp_value_and_feedback(fun, rewards.softmax_loss, composite=composite,
                                        has_aux=has_aux, reward_argnums=(1 + len(inputs),), **kw)
 

@@ -4,6 +4,7 @@ LFP feedback equals ``-|θ| ⊙ ∇_θ Σ_batch CE``. The reference side is jax.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from _helpers import assert_theorem1, to64
 from flax import nnx
 
@@ -161,3 +162,57 @@ def test_theorem1_with_stack_tile_concat_and_a_padding_mask():
 
     x, y = _data((5, 6), 3)
     assert_theorem1(fun, params, x, labels=y)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head causal self-attention, a ReLU-gated MLP, residual sums, a linear head."""
+
+    @nn.compact
+    def __call__(self, x):                      # x: (batch, T, d)
+        q, k, v = nn.Dense(6)(x), nn.Dense(6)(x), nn.Dense(6)(x)
+        t = x.shape[1]
+        scores = jnp.einsum("btd,bsd->bts", q, k) / jnp.sqrt(6.0)
+        scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
+        h = nn.Dense(x.shape[-1])(jnp.einsum("bts,bsd->btd", jax.nn.softmax(scores, -1), v)) + x
+        gate = nn.relu(nn.Dense(8)(h)) * nn.Dense(8)(h)        # a product of two input-dependent values
+        h = h + nn.Dense(x.shape[-1])(gate)
+        return nn.Dense(3)(h[:, -1])
+
+
+def test_theorem1_with_the_gradient_at_products():
+    """``lfp_epsilon(products="gradient")``: every rule is the gradient in normalised form, so the
+    feedback of an attention model with a gate is ``-|θ| ⊙ ∇_θ Σ CE`` (jax.grad)."""
+    x, y = _data((5, 4, 7), 3)
+    params, _ = _init(AttentionBlock(), x)
+    fun = lambda p, x: AttentionBlock().apply({"params": p}, x)  # noqa: E731
+    # the key projection's bias adds q·b to a whole row of scores, which the softmax removes: gradient 0
+    assert_theorem1(fun, params, x, labels=y, composite=lfp_jax.lfp_epsilon(1e-12, products="gradient"),
+                    zero_gradient=("['Dense_1']['bias']",))
+
+
+def test_uniform_products_halve_the_feedback_of_a_factor():
+    """The default (AttnLRP's uniform rule) hands each factor of a product half the reward: on a model
+    whose only path to a parameter runs through one factor of a product, its feedback is half of
+    ``-|θ| ⊙ ∇_θ Σ CE``."""
+    class Gated(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="out")(nn.Dense(8, name="a")(x) * nn.Dense(8, name="b")(x))
+
+    x, y = _data((6, 5), 3)
+    params, _ = _init(Gated(), x)
+    fun = lambda p, x: Gated().apply({"params": p}, x)  # noqa: E731
+    g = lfp_jax.lfp_value_and_feedback(fun, lfp_jax.rewards.softmax_loss,
+                                       composite=lfp_jax.lfp_epsilon(1e-12), reward_argnums=(2,))
+    got = jax.jit(g)(params, x, y)[1]
+
+    def ce(p):
+        z = fun(p, x)
+        return -jnp.sum(jax.nn.log_softmax(z)[jnp.arange(len(y)), y])
+
+    grad = jax.grad(ce)(params)
+    for layer in ("a", "b"):
+        want = -0.5 * jnp.abs(params[layer]["kernel"]) * grad[layer]["kernel"]
+        np.testing.assert_allclose(got[layer]["kernel"], want, rtol=1e-7, atol=1e-12)
+    want = -jnp.abs(params["out"]["kernel"]) * grad["out"]["kernel"]     # after the product: the whole
+    np.testing.assert_allclose(got["out"]["kernel"], want, rtol=1e-7, atol=1e-12)
