@@ -4,7 +4,8 @@
     python -m experiments.study transfer
 
 **gaps.** For each task, a base pair of runs (LFP and gradient descent, each at the learning rate of
-its sweep) and variations of one setting at a time, every one on ``--seeds`` seeds and for both methods
+its sweep; on at least 3 seeds) and variations of one setting at a time, every one on ``--seeds`` seeds
+and for both methods
 where the setting exists for both: the learning rate (SGD with momentum), Adam and its learning rate,
 the initial scale of the parameters (``init.scale``: LFP's feedback is ``|θ| ⊙ …``, so the scale sets how
 fast a weight can move), the width, the number of epochs (does LFP learn slower, or stop lower?), and for
@@ -82,6 +83,9 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
                 ("gradient (reference_vit)", {**one, "composite": "reference_vit"}, None)],
             "rules at attention and gates (3 epochs)": [
                 ("gradient (reference_vit)", {"composite": "reference_vit"}, None)],
+            "Adam lr 3e-3 (3 epochs)": [
+                ("AttnLRP (default)", {"optimizer": {"lr": 3e-3}}, {"optimizer": {"lr": 3e-3}}),
+                ("gradient at products", {"optimizer": {"lr": 3e-3}, "products": "gradient"}, None)],
             "Adam, learning rate (1 epoch)": [
                 (f"{lr:g}", m, m) for lr in (1e-3, 3e-3)
                 for m in [{**one, "optimizer": {"lr": lr}}]],
@@ -115,12 +119,18 @@ def _run_name(runner, file: str, overrides: dict, name: str) -> str:
     return runner.__dict__.setdefault("_gap_names", {}).setdefault(key, name)
 
 
-def _summaries(runner, stem: str, method: str, overrides: dict, name: str, metric: str) -> dict | None:
-    """The runs of one setting on every seed, aggregated."""
+BASE_SEEDS = 3  # the base pair of every task is compared on at least this many seeds
+
+
+def _summaries(runner, stem: str, method: str, overrides: dict, name: str, metric: str,
+               seeds: int | None = None) -> dict | None:
+    """The runs of one setting on seeds ``0 … seeds - 1`` (default ``--seeds``), aggregated."""
     from experiments.study import aggregate
 
     file = f"{stem}_{method}.yaml"
-    runs = runner.seeds(file, {**overrides, "name": _run_name(runner, file, overrides, name)})
+    over = {**overrides, "name": _run_name(runner, file, overrides, name)}
+    runs = [runner.run(runner.cfg(file, over, seed)) for seed in range(seeds or runner.args.seeds)]
+    runs = [r for r in runs if r is not None]
     if not runs:
         return None
     out = aggregate(runs)
@@ -135,7 +145,8 @@ def gap_task(runner, task: str) -> dict:
     stem, base, metric, _ = TASKS[task]
     results: dict = {"metric": metric, "base": {}, "factors": {}}
     for method in ("lfp", "gd"):
-        got = _summaries(runner, stem, method, base[method], f"gap_{task}_base_{method}", metric)
+        got = _summaries(runner, stem, method, base[method], f"gap_{task}_base_{method}", metric,
+                         seeds=max(runner.args.seeds, BASE_SEEDS))
         if got:
             results["base"][method] = got
     for factor, values in factors(task).items():
