@@ -112,7 +112,7 @@ def trained_model(cfg: dict, epochs: int | None, *, retrain: bool = False, progr
         if progress:
             print(f"training {chosen['name']} ({chosen['method']}, {chosen['epochs']} epochs) into {out}")
         summary = train(chosen, progress=progress, dataset=dataset)
-    trainer = Trainer(chosen, dataset)
+    trainer = Trainer(chosen, dataset, fresh=False)
     trainer.load_checkpoint(os.path.join(out, "checkpoint.msgpack"))
     return trainer, summary
 

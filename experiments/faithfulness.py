@@ -73,7 +73,7 @@ def _trainer(runner, stem: str, epochs: int, seed: int, datasets: dict) -> Train
     if key not in datasets:
         data = data_lib.load(d["name"], root=d.get("root"), seed=0, **(d.get("options") or {}))
         datasets[key] = data.subset(d["subset"]) if d.get("subset") else data
-    trainer = Trainer(cfg, datasets[key])
+    trainer = Trainer(cfg, datasets[key], fresh=False)
     trainer.load_checkpoint(os.path.join(config_lib.run_dir(cfg), "checkpoint.msgpack"))
     return trainer
 

@@ -56,8 +56,8 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
             "Adam, learning rate": [(f"{lr:g}", _adam(lr), _adam(lr)) for lr in lrs],
             "initial scale": [(f"{s:g}", {"init": {"scale": s}}, {"init": {"scale": s}})
                               for s in (0.5, 1, 2, 4)],
-            "width (hidden layers)": [
-                (f"{a}-{b}", m, m) for a, b in ((32, 16), (64, 32), (128, 64), (256, 128))
+            "width (hidden layers)": [("32-16", {}, {})] + [
+                (f"{a}-{b}", m, m) for a, b in ((64, 32), (128, 64), (256, 128))
                 for m in [{"model": {"name": "mlp", "hidden": [a, b]}}]],
             "epochs": [(str(e), {"epochs": e}, {"epochs": e}) for e in (10, 30, 100)],
             "ε": [(f"{e:g}", {"epsilon": e}, None) for e in (1e-6, 1e-3, 1e-2, 1e-1)],
@@ -173,9 +173,9 @@ DYNAMICS = (("LFP, SGD", "lfp", "epochs", "100"), ("GD, SGD", "gd", "epochs", "1
 def dynamics(runner, task: str) -> dict:
     """What training does to the weights, for the 100-epoch runs of :data:`DYNAMICS`: test accuracy
     per epoch, and, per seed, from the initial parameters (the trainer's own initialisation of the
-    run's config) to the final checkpoint: the share of kernel entries whose sign flipped, and the
-    spread of the kernels' magnitudes (standard deviation of log10 |w| over all entries, and the
-    largest |w|)."""
+    run's config) to the final checkpoint: the share of kernel entries whose sign flipped (nonzero at
+    both ends), the decades their magnitudes span (:func:`_log_range`), the shares below 1e-3 and
+    1e-6, the largest |w|, and the dead units of each hidden layer."""
     from experiments import config as config_lib
     from experiments import train as train_lib
 
@@ -201,11 +201,12 @@ def dynamics(runner, task: str) -> dict:
             with open(os.path.join(folder, "metrics.jsonl")) as f:
                 import json
                 curve = [json.loads(line)["test_accuracy"] for line in f if line.strip()]
-            rows.append({"sign_flips": float(np.mean(np.sign(w0) != np.sign(w1))),
+            both = (w0 != 0) & (w1 != 0)   # an exact 0 has no sign
+            rows.append({"sign_flips": float(np.mean(np.sign(w0[both]) != np.sign(w1[both]))),
                          "dead_units": _dead_units(cfg, end),
                          "near_zero": float(np.mean(np.abs(w1) < 1e-3)),
-                         "log10_spread_start": float(np.std(np.log10(np.abs(w0) + 1e-30))),
-                         "log10_spread_end": float(np.std(np.log10(np.abs(w1) + 1e-30))),
+                         "log10_spread_start": _log_range(w0), "log10_spread_end": _log_range(w1),
+                         "tiny": float(np.mean(np.abs(w1) < 1e-6)),
                          "max_abs_start": float(np.abs(w0).max()), "max_abs_end": float(np.abs(w1).max()),
                          "curve": curve})
         if rows:
@@ -216,12 +217,19 @@ def dynamics(runner, task: str) -> dict:
     return out
 
 
+def _log_range(w: np.ndarray) -> float:
+    """How many decades the magnitudes of the nonzero entries span: the 95th minus the 5th percentile
+    of ``log10 |w|`` (no floor decides it)."""
+    logs = np.log10(np.abs(w[w != 0]))
+    return float(np.percentile(logs, 95) - np.percentile(logs, 5))
+
+
 def _dead_units(cfg: dict, params: dict) -> list[float]:
     """Per hidden layer of a ReLU MLP, the share of units that are 0 on every test example (a dead
     unit passes no reward back, so under LFP its incoming weights never change again)."""
     from experiments import train as train_lib
 
-    t = train_lib.Trainer(cfg)
+    t = train_lib.Trainer(cfg, fresh=False)
     _, state = t.model.apply({"params": params}, t.data.x_test, capture_intermediates=True)
     pre = state["intermediates"]
     hidden = sorted(k for k in pre if k.startswith("Dense_"))[:-1]   # the last Dense is the classifier
@@ -245,12 +253,12 @@ def plot_dynamics(result: dict, path: str) -> None:
     b.bar(x - 0.2, [100 * result[k]["sign_flips"] for k in labels], 0.4, label="kernel signs flipped (%)")
     b2 = b.twinx()
     b2.bar(x + 0.2, [result[k]["log10_spread_end"] for k in labels], 0.4, color="C3",
-           label="std of log10 |w| at the end")
+           label="decades spanned by |w| (5th–95th percentile) at the end")
     b2.axhline(np.mean([result[k]["log10_spread_start"] for k in labels]), color="C3", ls=":",
                label="… at initialisation")
     b.set_xticks(x, labels, fontsize=8)
     b.set_ylabel("signs flipped (%)")
-    b2.set_ylabel("std of log10 |w|")
+    b2.set_ylabel("decades spanned by |w|")
     h1, l1 = b.get_legend_handles_labels()
     h2, l2 = b2.get_legend_handles_labels()
     b.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
@@ -350,14 +358,14 @@ FINE_TUNE = (("LFP fine-tuning", "transfer_finetune_lfp.yaml", {}),
              # the discrete rewards from a start that already solves the task in part: the LFP run fine-tuned
              # on 1000 examples (head included), trained on all examples; softmax_loss as the control
              *((f"LFP from the {LOW_DATA}-example fine-tuning, {reward} reward", "transfer_finetune_lfp.yaml",
-                {"reward": {"name": reward},
-                 "init": {"from": f"LFP fine-tuning, {LOW_DATA} examples", "reset": []}})
+                {"reward": {"name": reward}, "init": {"reset": []},
+                 "from_row": f"LFP fine-tuning, {LOW_DATA} examples"})
                for reward in ("softmax_loss", "correct_class", "misclassification")),
              # the same at a 30x smaller, constant learning rate: is the collapse a matter of step size?
              *((f"LFP from the {LOW_DATA}-example fine-tuning, {reward} reward, lr 1e-3 constant",
                 "transfer_finetune_lfp.yaml",
                 {"reward": {"name": reward}, "optimizer": {"lr": 1e-3, "schedule": "constant"},
-                 "init": {"from": f"LFP fine-tuning, {LOW_DATA} examples", "reset": []}})
+                 "init": {"reset": []}, "from_row": f"LFP fine-tuning, {LOW_DATA} examples"})
                for reward in ("softmax_loss", "correct_class", "misclassification")))
 
 
@@ -380,12 +388,17 @@ def transfer(runner) -> dict:
     dirs: dict[str, list[str]] = {}   # row label → its run folder per seed
     for label, file, over in FINE_TUNE:
         runs = []
-        start = over.get("init", {}).get("from", "")
+        over = dict(over)
+        from_row = over.pop("from_row", None)   # start from an earlier row's run of the same seed
+        if from_row is not None and from_row not in dirs:
+            raise ValueError(f"transfer row {label!r} starts from row {from_row!r}, which is not an "
+                             f"earlier row")
+        scratch = over.get("init", {}).get("from", "") is None
         for seed, pre in enumerate(pre_dirs):
             extra = config_lib.merge({"name": f"transfer_{_slug(label)}"}, over)
-            if start in dirs:        # from an earlier row's run of the same seed
-                extra = config_lib.merge(extra, {"init": {"from": dirs[start][seed]}})
-            elif start is not None:  # from the pretraining run
+            if from_row is not None:
+                extra = config_lib.merge(extra, {"init": {"from": dirs[from_row][seed]}})
+            elif not scratch:        # from the pretraining run
                 extra = config_lib.merge(extra, {"init": {"from": pre}})
             cfg = runner.cfg(file, extra, seed)
             dirs.setdefault(label, []).append(config_lib.run_dir(cfg))

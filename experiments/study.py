@@ -254,7 +254,7 @@ def pruning_study(runner: Runner) -> dict:
             cfg = runner.cfg(f"{stem}_{method}.yaml")
             if runner.run(cfg) is None:
                 continue
-            trainer = Trainer(cfg)
+            trainer = Trainer(cfg, fresh=False)
             trainer.load_checkpoint(os.path.join(config_lib.run_dir(cfg), "checkpoint.msgpack"))
             evaluate = lambda p, t=trainer: t.evaluate(p)["test_accuracy"]  # noqa: E731
             entry[method] = {
@@ -333,7 +333,7 @@ def _spike_stats(runner: Runner, config_file: str, seed: int = 0, n: int = 1000)
     ckpt = os.path.join(config_lib.run_dir(cfg), "checkpoint.msgpack")
     if not os.path.exists(ckpt):
         return None
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, fresh=False)
     trainer.load_checkpoint(ckpt)
     return models.spike_rates(trainer.model, trainer.params, trainer.data.x_test[:n],
                               jax.random.key(cfg["seed"]))

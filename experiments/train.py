@@ -375,7 +375,10 @@ def cast_floats(tree, dtype):
 class Trainer:
     """Everything of one run but the loop: data, model, optimiser, jitted step and evaluation."""
 
-    def __init__(self, cfg: dict, dataset: data_lib.Dataset | None = None):
+    def __init__(self, cfg: dict, dataset: data_lib.Dataset | None = None, *, fresh: bool = True):
+        """``fresh=False``: the state is about to be replaced by a checkpoint of this run (``--resume``,
+        or loading a trained run), so ``init.from`` is not read; the model's own initialisation is
+        the placeholder."""
         self.cfg = config_lib.validate(cfg)
         d = cfg["data"]
         self.data = dataset or data_lib.load(d["name"], root=d.get("root"), seed=cfg["seed"],
@@ -396,7 +399,9 @@ class Trainer:
         self.key = jax.random.key(cfg["seed"])
         self.compute_dtype = jnp.dtype(cfg.get("dtype") or "float32")
         variables = self.model.init(self.key, self._inputs(self.data.x_train[:2], self.key), train=False)
-        self.params, self.batch_stats = self._initial(variables["params"], variables.get("batch_stats"))
+        self.params, self.batch_stats = variables["params"], variables.get("batch_stats")
+        if fresh:
+            self.params, self.batch_stats = self._initial(self.params, self.batch_stats)
         self.steps_per_epoch = max(len(self.data.x_train) // cfg["batch_size"], 1)
         self.optimizer = optim.make(cfg["optimizer"], cfg["epochs"] * self.steps_per_epoch)
         self.opt_state = self.optimizer.init(self.params)
@@ -431,7 +436,15 @@ class Trainer:
             return params, batch_stats
         source = init["from"]
         path = os.path.join(source, CHECKPOINT) if os.path.isdir(source) else source
-        state = read_checkpoint(path)
+        if not os.path.exists(path):
+            raise CheckpointError(
+                f"init.from: no run folder with a {CHECKPOINT} and no checkpoint file at {source!r} "
+                f"(relative paths are read from {os.getcwd()}): train the run to start from first, or "
+                f"correct the path")
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"init.from: {e}") from None
         loaded = {"params": state["params"], "batch_stats": state.get("batch_stats")}
         fresh = {"params": flax.serialization.to_state_dict(params),
                  "batch_stats": flax.serialization.to_state_dict(batch_stats)}
@@ -726,7 +739,8 @@ def _check_config(out: str, cfg: dict, allow_change: bool) -> None:
         raise ConfigChangedError(f"--resume: cannot check the config against the run's {path} ({e}). "
                                  f"Pass --allow-config-change to resume with the given config, or delete "
                                  f"the run folder {out} to start again") from None
-    changes = config_changes(stored, cfg)
+    # keys added to the trainer after the run was written count at their defaults, not as changes
+    changes = config_changes(config_lib.merge(config_lib.DEFAULTS, stored), cfg)
     if not changes:
         return
     listed = "\n  ".join(changes)
@@ -832,7 +846,7 @@ def train(cfg: dict, *, resume: bool = False, allow_config_change: bool = False,
     resuming = resume and any(os.path.exists(p) for p in checkpoints[:2])
     if resuming:
         _check_config(out, cfg, allow_config_change)
-    trainer = Trainer(cfg, dataset)
+    trainer = Trainer(cfg, dataset, fresh=not resuming)
     start, elapsed = 0, 0.0
     if resuming:
         start = _resume_checkpoint(trainer, out)

@@ -212,7 +212,8 @@ def test_uniform_products_halve_the_feedback_of_a_factor():
 
     grad = jax.grad(ce)(params)
     for layer in ("a", "b"):
-        want = -0.5 * jnp.abs(params[layer]["kernel"]) * grad[layer]["kernel"]
-        np.testing.assert_allclose(got[layer]["kernel"], want, rtol=1e-7, atol=1e-12)
+        for leaf in ("kernel", "bias"):
+            want = -0.5 * jnp.abs(params[layer][leaf]) * grad[layer][leaf]
+            np.testing.assert_allclose(got[layer][leaf], want, rtol=1e-7, atol=1e-12)
     want = -jnp.abs(params["out"]["kernel"]) * grad["out"]["kernel"]     # after the product: the whole
     np.testing.assert_allclose(got["out"]["kernel"], want, rtol=1e-7, atol=1e-12)

@@ -88,7 +88,7 @@ def test_pretrained_start_errors_say_what_to_change(tmp_path):
         train.Trainer(_cfg(tmp_path / "x", f"init.from={pre['run_dir']}", "init.reset=[Head]"))
     with pytest.raises(config_lib.ConfigError, match="set init.from too"):
         train.Trainer(_cfg(tmp_path / "x", "init.reset=[Dense_2]"))
-    with pytest.raises(train.CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(train.CheckpointError, match=r"init.from: no run folder .* train the run to"):
         train.Trainer(_cfg(tmp_path / "x", f"init.from={tmp_path / 'nowhere'}"))
 
 
@@ -97,3 +97,36 @@ def test_train_examples_keeps_the_whole_test_set(tmp_path):
     few = train.Trainer(_cfg(tmp_path, "data.subset=null", "data.train_examples=100"))
     assert len(few.data.x_train) == 100 and len(few.data.x_test) == len(full.data.x_test)
     np.testing.assert_array_equal(few.data.x_train, full.data.x_train[:100])
+
+
+def test_a_fine_tuning_run_resumes_from_its_own_checkpoint_without_the_source(tmp_path):
+    import shutil
+
+    pre = train.train(_cfg(tmp_path / "pre", "data.classes=[0, 1, 2, 3, 4]", "method=gd"), progress=False)
+    cfg = _cfg(tmp_path / "fine", "data.classes=[5, 6, 7, 8, 9]", f"init.from={pre['run_dir']}",
+               "init.reset=[Dense_2]", "epochs=2")
+    full = train.train(cfg, progress=False)
+    train.train({**cfg, "epochs": 1, "out_dir": str(tmp_path / "half")}, progress=False)
+    shutil.rmtree(pre["run_dir"])      # the run it started from is gone: resume needs only its own
+    half = {**cfg, "out_dir": str(tmp_path / "half")}
+    with pytest.warns(train.ResumeWarning, match="epochs: 1 → 2"):
+        resumed = train.train(half, resume=True, allow_config_change=True, progress=False)
+    assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
+
+
+def test_runs_written_before_a_key_existed_resume_with_its_default(tmp_path):
+    import yaml
+
+    cfg = _cfg(tmp_path, "epochs=1")
+    run = train.train(cfg, progress=False)
+    path = os.path.join(run["run_dir"], "config.yaml")
+    with open(path) as f:
+        stored = yaml.safe_load(f)
+    for key in ("init", "products"):                 # as an older trainer wrote it
+        stored.pop(key)
+    stored["data"].pop("classes")
+    with open(path, "w") as f:
+        yaml.safe_dump(stored, f)
+    assert train.train(cfg, resume=True, progress=False)["epochs"] == 1     # no ConfigChangedError
+    with pytest.raises(train.ConfigChangedError, match=r"init.scale: 1.0 → 2"):
+        train.train({**cfg, "init": {**cfg["init"], "scale": 2}}, resume=True, progress=False)
