@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "input_noise": {"std": 0.0, "prob": 1.0},  # Gaussian noise on training inputs
     "reward": {"name": "softmax_loss"},        # lfp: a function of lfp_jax.rewards (+ its options)
     "epsilon": 1e-6,                           # lfp: ε of the LFP-ε composite
-    "composite": "lfp_epsilon",                # lfp: lfp_epsilon (AttnLRP at attention) | reference_vit
+    "composite": "lfp_epsilon",                # lfp: lfp_epsilon | reference_vit | gradient_control
     "products": "uniform",                     # lfp_epsilon at products: uniform (AttnLRP) | gradient
     "dropout_rescale": True,                   # lfp: the reference's 1/(1-p) at dropout
     "dtype": "float32",       # float32 | bfloat16: compute dtype of the training and evaluation passes
@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
 
 DTYPES = ("float32", "bfloat16")
 METHODS = ("lfp", "gd")
-COMPOSITES = ("lfp_epsilon", "reference_vit")
+COMPOSITES = ("lfp_epsilon", "reference_vit", "gradient_control")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "onecycle")
 

@@ -85,7 +85,9 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
                 ("gradient (reference_vit)", {"composite": "reference_vit"}, None)],
             "Adam lr 3e-3 (3 epochs)": [
                 ("AttnLRP (default)", {"optimizer": {"lr": 3e-3}}, {"optimizer": {"lr": 3e-3}}),
-                ("gradient at products", {"optimizer": {"lr": 3e-3}, "products": "gradient"}, None)],
+                ("gradient at products", {"optimizer": {"lr": 3e-3}, "products": "gradient"}, None),
+                ("gradient everywhere (control)",
+                 {"optimizer": {"lr": 3e-3}, "composite": "gradient_control"}, None)],
             "Adam, learning rate (1 epoch)": [
                 (f"{lr:g}", m, m) for lr in (1e-3, 3e-3)
                 for m in [{**one, "optimizer": {"lr": lr}}]],

@@ -355,15 +355,23 @@ def reward_fn(cfg: dict):
 
 
 def composite_of(cfg: dict) -> lfp_jax.Composite:
-    """The LFP composite of a run: ``lfp_epsilon`` (AttnLRP's rules at softmax and product sites) or
-    ``reference_vit`` (the reference's transformer behaviour: the plain gradient there)."""
+    """The LFP composite of a run: ``lfp_epsilon`` (AttnLRP's rules at softmax and product sites, or with
+    ``products: gradient`` the plain gradient at products), ``reference_vit`` (the reference's
+    transformer behaviour: the plain gradient at softmax, products and sums), or ``gradient_control``
+    (a control for studies, not LFP's rules: the gradient at products, activations and normalisations
+    too, so that every rule is the gradient in normalised form and the feedback is ``-|θ| ⊙ ∇``)."""
     name = cfg.get("composite", "lfp_epsilon")
     if name == "lfp_epsilon":
         return lfp_jax.lfp_epsilon(cfg["epsilon"], dropout_rescale=cfg["dropout_rescale"],
                                    products=cfg.get("products", "uniform"))
     if name == "reference_vit":
         return lfp_jax.composites.reference_vit(cfg["epsilon"])
-    raise ValueError(f"composite must be 'lfp_epsilon' or 'reference_vit', got {name!r}")
+    if name == "gradient_control":  # every rule the gradient: feedback -|θ| ⊙ ∇ (a control)
+        base = lfp_jax.lfp_epsilon(cfg["epsilon"], dropout_rescale=cfg["dropout_rescale"],
+                                   products="gradient")
+        return base.with_rules((lfp_jax.Match(kind="activation"), lfp_jax.rules.Gradient()),
+                               (lfp_jax.Match(kind="normalization"), lfp_jax.rules.Gradient()))
+    raise ValueError(f"composite must be one of {config_lib.COMPOSITES}, got {name!r}")
 
 
 def cast_floats(tree, dtype):

@@ -35,3 +35,30 @@ def test_identical_settings_share_one_run_name(tmp_path):
     assert gaps._run_name(runner, file, gaps._merge(base, {"init": {"scale": 1}}), "scale_1") == first
     # another value: a run of its own
     assert gaps._run_name(runner, file, gaps._merge(base, {"init": {"scale": 2}}), "scale_2") == "scale_2"
+
+
+def test_the_gradient_control_gives_magnitude_times_gradient_on_the_character_decoder():
+    """``composite: gradient_control`` (the study's control: every rule the gradient in normalised form)
+    on the SiLU-gated RMSNorm decoder of ``gpt_text``: feedback ``-|θ| ⊙ ∇_θ Σ CE`` (jax.grad), which
+    AttnLRP's rules and the identity rule at SiLU do not give."""
+    import jax
+    import jax.numpy as jnp
+    from _helpers import assert_theorem1, to64
+
+    from experiments import config as config_lib
+    from experiments import models
+    from experiments.train import composite_of
+
+    model = models.build("gpt", 11, context=6, width=8, depth=1, heads=2)
+    tokens = jax.random.randint(jax.random.key(0), (3, 6), 0, 11)
+    x = jax.nn.one_hot(tokens, 11, dtype=jnp.float64)
+    y = jax.random.randint(jax.random.key(1), (3, 6), 0, 11)
+    params = to64(model.init(jax.random.key(2), x)["params"])
+    fun = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    cfg = config_lib.load(None, ["composite=gradient_control", "epsilon=1e-12"])
+    key_bias = "['DecoderBlock_0']['SelfAttention_0']['key']['bias']"   # a shift of every score: gradient 0
+    assert_theorem1(fun, params, x, labels=y, composite=composite_of(cfg), rtol=1e-6,
+                    zero_gradient=(key_bias,))
+    default = composite_of(config_lib.load(None, ["epsilon=1e-12"]))
+    with pytest.raises(AssertionError, match="relative error"):   # the default rules are not the gradient
+        assert_theorem1(fun, params, x, labels=y, composite=default, rtol=1e-6, zero_gradient=(key_bias,))
