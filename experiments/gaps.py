@@ -88,6 +88,10 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
                 ("gradient at products", {"optimizer": {"lr": 3e-3}, "products": "gradient"}, None),
                 ("gradient everywhere (control)",
                  {"optimizer": {"lr": 3e-3}, "composite": "gradient_control"}, None)],
+            "Adam lr 3e-3, no clipping (3 epochs)": [
+                ("gradient everywhere (control)",
+                 {"optimizer": {"lr": 3e-3, "clip_norm": None}, "composite": "gradient_control"},
+                 {"optimizer": {"lr": 3e-3, "clip_norm": None}})],
             "Adam, learning rate (1 epoch)": [
                 (f"{lr:g}", m, m) for lr in (1e-3, 3e-3)
                 for m in [{**one, "optimizer": {"lr": lr}}]],
@@ -126,12 +130,22 @@ BASE_SEEDS = 3  # the base pair of every task is compared on at least this many 
 
 def _summaries(runner, stem: str, method: str, overrides: dict, name: str, metric: str,
                seeds: int | None = None) -> dict | None:
-    """The runs of one setting on seeds ``0 … seeds - 1`` (default ``--seeds``), aggregated."""
+    """The runs of one setting on seeds ``0 … seeds - 1`` (default ``--seeds``), trained where missing,
+    plus any later seed already finished (``n`` in the result says how many)."""
+    import json
+
+    from experiments import config as config_lib
     from experiments.study import aggregate
 
     file = f"{stem}_{method}.yaml"
     over = {**overrides, "name": _run_name(runner, file, overrides, name)}
-    runs = [runner.run(runner.cfg(file, over, seed)) for seed in range(seeds or runner.args.seeds)]
+    count = seeds or runner.args.seeds
+    runs = [runner.run(runner.cfg(file, over, seed)) for seed in range(count)]
+    for seed in range(count, count + 10):
+        done = os.path.join(config_lib.run_dir(runner.cfg(file, over, seed)), "summary.json")
+        if os.path.exists(done):
+            with open(done) as f:
+                runs.append(json.load(f))
     runs = [r for r in runs if r is not None]
     if not runs:
         return None
