@@ -242,15 +242,27 @@ def _char_lm_notes(res: dict) -> list[str]:
     parts = {k: at3.get(k, {}).get("lfp") for k in ("AttnLRP (default)", "gradient at products",
                                                      "gradient everywhere (control)")}
     if gd3 and all(parts.values()):
-        d, p_, c = (parts[k]["metric_mean"] - gd3["metric_mean"] for k in parts)
-        lines.append(f"Against gradient descent at the same rate, LFP is {d:+.3f} with its default rules, "
+        k = min([gd3["n"]] + [e["n"] for e in parts.values()])   # the seeds all four have (0 … k-1)
+
+        def mean(e):
+            return float(np.mean(e["metric_values"][:k]))
+
+        d, p_, c = (mean(parts[key]) - mean(gd3) for key in parts)
+        lines.append(f"On the seeds all four have (n={k}), against gradient descent at the same rate, "
+                     f"LFP is {d:+.3f} with its default rules, "
                      f"{p_:+.3f} with the gradient at products, and {c:+.3f} with the gradient at every "
                      "site (the control, whose feedback is exactly −|θ| ⊙ ∇ of the loss, so that only "
                      "the |θ| factor differs from gradient descent). So, of LFP's gap at this rate, "
                      f"{d - p_:.3f} comes from the uniform rule at products, {p_ - c:.3f} from the other "
                      f"rules (the identity rule at SiLU, the ε rule at RMSNorm), and {c:.3f} from the "
                      "|θ| factor under Adam.")
-    return ["", " ".join(lines)] if lines else []
+    noclip = f.get("Adam lr 3e-3, no clipping (3 epochs)", {}).get("gradient everywhere (control)", {})
+    if noclip.get("lfp") and noclip.get("gd"):
+        c, g = noclip["lfp"]["metric_mean"], noclip["gd"]["metric_mean"]
+        lines.append(f"Without the clipping at global norm 1 (which sees |θ| ⊙ ∇ for LFP and ∇ for gradient "
+                     f"descent), the control ends at {c:.3f} and gradient descent at {g:.3f} ({c - g:+.3f}, "
+                     f"n={noclip['lfp']['n']}).")
+    return ["", " ".join(lines), ""] if lines else []
 
 
 def _swirls_dynamics(folder: str, res: dict) -> list[str]:
