@@ -147,6 +147,13 @@ def _assert_learns(cfg_path, tmp_path, learnable, text_file, *extra, margin=0.1)
         cfg["data"]["root"] = learnable["cifar"]
     elif name == "text":
         cfg["data"]["root"] = text_file
+    if cfg["data"]["classes"]:  # half the classes of the small learnable set: half the steps per epoch
+        cfg["epochs"] *= 2
+    if cfg["init"]["from"]:  # a fine-tuning config (runs/<source config>/seed0): train its source run first
+        source = os.path.basename(os.path.dirname(os.path.normpath(cfg["init"]["from"])))
+        pre = _assert_learns(os.path.join(CONFIG_DIR, f"{source}.yaml"), tmp_path / "source", learnable,
+                             text_file, *extra, margin=margin)
+        cfg["init"]["from"] = pre["run_dir"]
     trainer = train.Trainer(cfg)
     floor = _majority(trainer.data.y_test) + margin
     untrained = trainer.evaluate()["test_accuracy"]
