@@ -19,7 +19,7 @@ instead of being ignored or failing deep inside jax with a message that never na
   expected and converted.
 
 * across keys: a spiking model (``snn_mlp``, ``snn_cnn``) needs a spike reward (``reward.name:
-  spike_...``).
+  spike_...``); ``init.reset`` needs ``init.from``.
 
 All problems of a config are reported together in one :class:`ConfigError`.
 """
@@ -420,6 +420,10 @@ def validate(cfg: dict) -> dict:
             and not str(reward["name"]).startswith("spike_")):  # spike trains (T, batch, classes) out
         problems.append(f"reward.name must be a spike reward (spike_rate_coded or spike_count_softmax_loss) "
                         f"for the spiking model {model['name']!r}, got {reward['name']!r}")
+    init = cfg.get("init")
+    if not problems and init["reset"] and not init["from"]:
+        problems.append("init.reset names parameters to keep fresh when starting from a checkpoint; set "
+                        "init.from too, or leave init.reset empty")
     if problems:
         raise ConfigError(problems)
     return cfg

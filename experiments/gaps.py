@@ -5,13 +5,13 @@
 
 **gaps.** For each task, a base pair of runs (LFP and gradient descent, each at the learning rate of
 its sweep; on at least 3 seeds) and variations of one setting at a time, every one on ``--seeds`` seeds
-and for both methods
-where the setting exists for both: the learning rate (SGD with momentum), Adam and its learning rate,
-the initial scale of the parameters (``init.scale``: LFP's feedback is ``|θ| ⊙ …``, so the scale sets how
-fast a weight can move), the width, the number of epochs (does LFP learn slower, or stop lower?), and for
-LFP alone ε and the reward. Results go to ``<results>/gaps/results.json`` and one figure per task
-(``gaps_<task>.png``): a panel per setting, the test accuracy (or bits per character) of both methods
-against its values, mean and standard deviation over the seeds.
+and for both methods where the setting exists for both: the learning rate (SGD with momentum), Adam
+and its learning rate, the initial scale of the parameters (``init.scale``: LFP's feedback is
+``|θ| ⊙ …``, so the scale sets how fast a weight can move), the width, the number of epochs (does LFP
+learn slower, or stop lower?), and for LFP alone ε and the reward. Results go to
+``<results>/gaps/results.json`` and one figure per task (``gaps_<task>.png``): a panel per setting,
+the test accuracy (or bits per character) of both methods against its values, mean and standard
+deviation over the seeds.
 
 **transfer.** The paper's application, pretrained here (no weights can be downloaded): a LeNet trained
 by gradient descent on MNIST digits 0–4 (``configs/transfer_pretrain_gd.yaml``), then fine-tuned on
@@ -23,6 +23,7 @@ trained from scratch on digits 5–9 for the same epochs; and LFP fine-tuning wi
 
 from __future__ import annotations
 
+import json
 import os
 
 import matplotlib
@@ -31,13 +32,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-# task → (config stem, base overrides per method, metric, lower is better)
+from experiments import config as config_lib  # noqa: E402
+
+# task → (config stem, base overrides per method, metric)
 TASKS = {
     "swirls": ("toy_mlp", {"lfp": {"data": {"name": "swirls"}, "optimizer": {"lr": 3e-3}},
                            "gd": {"data": {"name": "swirls"}, "optimizer": {"lr": 1e-2}}},
-               "test_accuracy", False),
-    "fashion_lenet": ("fashion_mnist_lenet", {"lfp": {}, "gd": {}}, "test_accuracy", False),
-    "char_lm": ("gpt_text", {"lfp": {}, "gd": {}}, "test_bits_per_char", True),
+               "test_accuracy"),
+    "fashion_lenet": ("fashion_mnist_lenet", {"lfp": {}, "gd": {}}, "test_accuracy"),
+    "char_lm": ("gpt_text", {"lfp": {}, "gd": {}}, "test_bits_per_char"),
 }
 
 
@@ -99,11 +102,6 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
     raise ValueError(f"unknown gap task {task!r}; choose from {sorted(TASKS)}")
 
 
-def _merge(a: dict, b: dict) -> dict:
-    from experiments import config as config_lib
-    return config_lib.merge(a, b)
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
 
@@ -111,8 +109,6 @@ def _slug(text: str) -> str:
 def _run_name(runner, file: str, overrides: dict, name: str) -> str:
     """The name runs of this setting are trained under: ``name``, or the name of an identical setting
     already met (the base's own value of a factor), so that each setting is trained once."""
-    import json
-
     def plain(v):  # 1 and 1.0 are one setting
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
@@ -132,9 +128,6 @@ def _summaries(runner, stem: str, method: str, overrides: dict, name: str, metri
                seeds: int | None = None) -> dict | None:
     """The runs of one setting on seeds ``0 … seeds - 1`` (default ``--seeds``), trained where missing,
     plus any later seed already finished (``n`` in the result says how many)."""
-    import json
-
-    from experiments import config as config_lib
     from experiments.study import aggregate
 
     file = f"{stem}_{method}.yaml"
@@ -158,7 +151,7 @@ def _summaries(runner, stem: str, method: str, overrides: dict, name: str, metri
 
 def gap_task(runner, task: str) -> dict:
     """Every factor of ``task`` for both methods; ``{factor: {value: {lfp: …, gd: …}}}``."""
-    stem, base, metric, _ = TASKS[task]
+    stem, base, metric = TASKS[task]
     results: dict = {"metric": metric, "base": {}, "factors": {}}
     for method in ("lfp", "gd"):
         got = _summaries(runner, stem, method, base[method], f"gap_{task}_base_{method}", metric,
@@ -173,7 +166,7 @@ def gap_task(runner, task: str) -> dict:
                 if over is None:
                     continue
                 name = f"gap_{task}_{_slug(factor)}_{_slug(label)}_{method}"
-                got = _summaries(runner, stem, method, _merge(base[method], over), name, metric)
+                got = _summaries(runner, stem, method, config_lib.merge(base[method], over), name, metric)
                 if got:
                     cell[method] = got
             results["factors"][factor][label] = cell
@@ -190,17 +183,16 @@ def dynamics(runner, task: str) -> dict:
     """What training does to the weights, for the 100-epoch runs of :data:`DYNAMICS`: test accuracy
     per epoch, and, per seed, from the initial parameters (the trainer's own initialisation of the
     run's config) to the final checkpoint: the share of kernel entries whose sign flipped (nonzero at
-    both ends), the decades their magnitudes span (:func:`_log_range`), the shares below 1e-3 and
-    1e-6, the largest |w|, and the dead units of each hidden layer."""
-    from experiments import config as config_lib
+    both ends), the decades their magnitudes span (:func:`_log_range`), the share below 1e-3, the
+    largest |w|, and the dead units of each hidden layer."""
     from experiments import train as train_lib
 
-    stem, base, _, _ = TASKS[task]
+    stem, base, _ = TASKS[task]
     fs = factors(task)
     out = {}
     for label, method, factor, value in DYNAMICS:
         lfp_over, gd_over = next((lo, go) for v, lo, go in fs[factor] if v == value)
-        overrides = _merge(base[method], lfp_over if method == "lfp" else gd_over)
+        overrides = config_lib.merge(base[method], lfp_over if method == "lfp" else gd_over)
         file = f"{stem}_{method}.yaml"
         name = _run_name(runner, file, overrides, f"gap_{task}_{_slug(factor)}_{_slug(value)}_{method}")
         rows = []
@@ -210,19 +202,17 @@ def dynamics(runner, task: str) -> dict:
             path = os.path.join(folder, train_lib.CHECKPOINT)
             if not os.path.exists(path):
                 continue
-            start = train_lib.Trainer(cfg).params
+            trainer = train_lib.Trainer(cfg)   # its parameters: the run's initialisation
+            start = trainer.params
             end = train_lib.read_checkpoint(path)["params"]
             w0 = np.concatenate([np.ravel(np.asarray(start[k]["kernel"])) for k in sorted(start)])
             w1 = np.concatenate([np.ravel(np.asarray(end[k]["kernel"])) for k in sorted(start)])
-            with open(os.path.join(folder, "metrics.jsonl")) as f:
-                import json
-                curve = [json.loads(line)["test_accuracy"] for line in f if line.strip()]
+            curve = _epoch_accuracies(folder)
             both = (w0 != 0) & (w1 != 0)   # an exact 0 has no sign
             rows.append({"sign_flips": float(np.mean(np.sign(w0[both]) != np.sign(w1[both]))),
-                         "dead_units": _dead_units(cfg, end),
+                         "dead_units": _dead_units(trainer, end),
                          "near_zero": float(np.mean(np.abs(w1) < 1e-3)),
                          "log10_spread_start": _log_range(w0), "log10_spread_end": _log_range(w1),
-                         "tiny": float(np.mean(np.abs(w1) < 1e-6)),
                          "max_abs_start": float(np.abs(w0).max()), "max_abs_end": float(np.abs(w1).max()),
                          "curve": curve})
         if rows:
@@ -240,13 +230,11 @@ def _log_range(w: np.ndarray) -> float:
     return float(np.percentile(logs, 95) - np.percentile(logs, 5))
 
 
-def _dead_units(cfg: dict, params: dict) -> list[float]:
-    """Per hidden layer of a ReLU MLP, the share of units that are 0 on every test example (a dead
-    unit passes no reward back, so under LFP its incoming weights never change again)."""
-    from experiments import train as train_lib
-
-    t = train_lib.Trainer(cfg, fresh=False)
-    _, state = t.model.apply({"params": params}, t.data.x_test, capture_intermediates=True)
+def _dead_units(trainer, params: dict) -> list[float]:
+    """Per hidden layer of a ReLU MLP (``trainer``'s model, on its test set), the share of units that
+    are 0 on every test example (a dead unit passes no reward back, so under LFP its incoming weights
+    never change again)."""
+    _, state = trainer.model.apply({"params": params}, trainer.data.x_test, capture_intermediates=True)
     pre = state["intermediates"]
     hidden = sorted(k for k in pre if k.startswith("Dense_"))[:-1]   # the last Dense is the classifier
     return [float(np.mean(np.asarray(pre[k]["__call__"][0]).max(0) <= 0)) for k in hidden]
@@ -341,7 +329,6 @@ def gaps(runner) -> dict:
                 plot_dynamics(results[task]["dynamics"], os.path.join(folder, "gaps_swirls_dynamics.png"))
     old = os.path.join(folder, "results.json")
     if os.path.exists(old):  # keep the tasks of earlier invocations (--tasks runs one part at a time)
-        import json
         with open(old) as f:
             results = {**json.load(f), **results}
     _save(results, "gaps", runner.args)
@@ -388,7 +375,6 @@ FINE_TUNE = (("LFP fine-tuning", "transfer_finetune_lfp.yaml", {}),
 def transfer(runner) -> dict:
     """Pretrain (per seed) by GD on digits 0–4, then every row of :data:`FINE_TUNE` on digits 5–9 from
     that seed's pretrained run."""
-    from experiments import config as config_lib
     from experiments.study import _save, aggregate
 
     results: dict = {"pretrain": None, "rows": {}}
@@ -430,8 +416,7 @@ def transfer(runner) -> dict:
 
 
 def _epoch_accuracies(run_dir: str) -> list[float]:
-    import json
-
+    """Test accuracy after each epoch of a run, from its ``metrics.jsonl``."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line)["test_accuracy"] for line in f if line.strip()]
 

@@ -437,9 +437,6 @@ class Trainer:
         if init["scale"] != 1:
             params = jax.tree.map(lambda p: p * jnp.asarray(init["scale"], p.dtype)
                                   if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        if init["reset"] and not init["from"]:
-            raise config_lib.ConfigError("init.reset names parameters to keep fresh when starting from a "
-                                         "checkpoint; set init.from too, or leave init.reset empty")
         if not init["from"]:
             return params, batch_stats
         source = init["from"]
@@ -464,8 +461,7 @@ class Trainer:
             for name in init["reset"]:
                 if isinstance(loaded[part], dict) and isinstance(fresh[part], dict) and name in fresh[part]:
                     loaded[part] = {**loaded[part], name: fresh[part][name]}
-        wanted = {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
-        self._check_structure(loaded, wanted, f"init.from: {path}", advice=(
+        self._check_structure(loaded, fresh, f"init.from: {path}", advice=(
             "the checkpoint's model differs from this config's. Start from a run of the same model; a "
             "layer whose shape changes with the task (the classifier of another number of classes) "
             f"belongs in init.reset (top-level parameters: {sorted(fresh['params'])})"))

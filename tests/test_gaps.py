@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 
+from experiments import config as config_lib
 from experiments import gaps, study
 
 
@@ -17,12 +18,12 @@ def _runner(tmp_path):
 @pytest.mark.parametrize("task", sorted(gaps.TASKS))
 def test_every_setting_is_a_valid_config(task, tmp_path):
     runner = _runner(tmp_path)
-    stem, base, _, _ = gaps.TASKS[task]
+    stem, base, _ = gaps.TASKS[task]
     for values in gaps.factors(task).values():
         for _label, lfp, gd in values:
             for method, over in (("lfp", lfp), ("gd", gd)):
                 if over is not None:   # validated by the config schema (unknown keys, ranges)
-                    merged = {**gaps._merge(base[method], over), "name": "x"}
+                    merged = {**config_lib.merge(base[method], over), "name": "x"}
                     assert runner.cfg(f"{stem}_{method}.yaml", merged)["method"] == method
 
 
@@ -32,9 +33,10 @@ def test_identical_settings_share_one_run_name(tmp_path):
     base = {"data": {"name": "swirls"}, "optimizer": {"lr": 3e-3}}
     first = gaps._run_name(runner, file, base, "base")
     # the base's own initial scale, given explicitly: the same config, so the same run
-    assert gaps._run_name(runner, file, gaps._merge(base, {"init": {"scale": 1}}), "scale_1") == first
+    assert gaps._run_name(runner, file, config_lib.merge(base, {"init": {"scale": 1}}), "scale_1") == first
     # another value: a run of its own
-    assert gaps._run_name(runner, file, gaps._merge(base, {"init": {"scale": 2}}), "scale_2") == "scale_2"
+    other = config_lib.merge(base, {"init": {"scale": 2}})
+    assert gaps._run_name(runner, file, other, "scale_2") == "scale_2"
 
 
 def test_the_gradient_control_gives_magnitude_times_gradient_on_the_character_decoder():
