@@ -56,8 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 10,
     "batch_size": 128,
     "eval_batch_size": 1000,
-    "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False, "clip_norm": None,
-                  "weight_decay": 0.0, "schedule": "constant"},
+    "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False, "beta2": 0.999,
+                  "clip_norm": None, "weight_decay": 0.0, "schedule": "constant"},
     "out_dir": "runs",
 }
 
@@ -229,6 +229,7 @@ SCHEMA: dict[str, Any] = {
     "eval_batch_size": integer(1),
     "optimizer": {"name": choice(*OPTIMIZERS), "lr": number(0, low_open=True),
                   "momentum": number(0, 1, high_open=True, optional=True), "nesterov": boolean,
+                  "beta2": number(0, 1, high_open=True),
                   "clip_norm": number(0, low_open=True, optional=True), "weight_decay": number(0),
                   "schedule": choice(*SCHEDULES)},
     "out_dir": string(),

@@ -95,6 +95,10 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
                 ("gradient everywhere (control)",
                  {"optimizer": {"lr": 3e-3, "clip_norm": None}, "composite": "gradient_control"},
                  {"optimizer": {"lr": 3e-3, "clip_norm": None}})],
+            "Adam lr 3e-3, β₂ 0.95 (3 epochs)": [
+                ("AttnLRP (default)", m, m) for m in [{"optimizer": {"lr": 3e-3, "beta2": 0.95}}]] + [
+                ("gradient everywhere (control)",
+                 {"optimizer": {"lr": 3e-3, "beta2": 0.95}, "composite": "gradient_control"}, None)],
             "Adam, learning rate (1 epoch)": [
                 (f"{lr:g}", m, m) for lr in (1e-3, 3e-3)
                 for m in [{**one, "optimizer": {"lr": lr}}]],
@@ -223,6 +227,116 @@ def dynamics(runner, task: str) -> dict:
     return out
 
 
+# the language-model runs whose final weights the diagnosis compares: (label, method, factor, value)
+LM_WEIGHTS = (("GD", "gd", "Adam lr 3e-3 (3 epochs)", "AttnLRP (default)"),
+              ("LFP", "lfp", "Adam lr 3e-3 (3 epochs)", "AttnLRP (default)"),
+              ("LFP control (−|θ| ⊙ ∇)", "lfp", "Adam lr 3e-3 (3 epochs)", "gradient everywhere (control)"),
+              ("GD, β₂ 0.95", "gd", "Adam lr 3e-3, β₂ 0.95 (3 epochs)", "AttnLRP (default)"),
+              ("LFP, β₂ 0.95", "lfp", "Adam lr 3e-3, β₂ 0.95 (3 epochs)", "AttnLRP (default)"),
+              ("LFP control, β₂ 0.95", "lfp", "Adam lr 3e-3, β₂ 0.95 (3 epochs)",
+               "gradient everywhere (control)"))
+
+LOG_BINS = np.linspace(-7, 0.5, 61)   # log10 |θ| histogram bins of the weight diagnosis
+
+
+def _kind(path: str) -> str:
+    """The kind of a parameter from its path: normalisation scale, bias, embedding or kernel."""
+    if "scale" in path:
+        return "norm scales"
+    if "bias" in path:
+        return "biases"
+    if "embed" in path or "position" in path:
+        return "embeddings"
+    return "kernels"
+
+
+def lm_weights(runner, task: str = "char_lm") -> dict:
+    """Where the language model's parameters end, for the runs of :data:`LM_WEIGHTS` (every finished
+    seed below ``--seeds``): per parameter kind (:func:`_kind`) the share of entries whose magnitude
+    ends below 1e-3 and below a tenth of its initial value, and the histogram of ``log10 |θ|`` at the
+    start and at the end (bins :data:`LOG_BINS`, entries of exactly 0 in the lowest bin)."""
+    import jax
+
+    from experiments import train as train_lib
+
+    stem, base, _ = TASKS[task]
+    fs = factors(task)
+    out = {}
+    for label, method, factor, value in LM_WEIGHTS:
+        lfp_over, gd_over = next((lo, go) for v, lo, go in fs[factor] if v == value)
+        overrides = config_lib.merge(base[method], lfp_over if method == "lfp" else gd_over)
+        file = f"{stem}_{method}.yaml"
+        name = _run_name(runner, file, overrides, f"gap_{task}_{_slug(factor)}_{_slug(value)}_{method}")
+        rows = []
+        for seed in range(runner.args.seeds):
+            cfg = runner.cfg(file, {**overrides, "name": name}, seed)
+            path = os.path.join(config_lib.run_dir(cfg), train_lib.CHECKPOINT)
+            if not os.path.exists(os.path.join(config_lib.run_dir(cfg), "summary.json")):
+                continue
+            start = {jax.tree_util.keystr(p): np.ravel(np.asarray(v))
+                     for p, v in jax.tree_util.tree_leaves_with_path(train_lib.Trainer(cfg).params)}
+            end = {jax.tree_util.keystr(p): np.ravel(np.asarray(v))
+                   for p, v in jax.tree_util.tree_leaves_with_path(train_lib.read_checkpoint(path)["params"])}
+            row = {}
+            for kind in ("kernels", "biases", "embeddings", "norm scales"):
+                keys = [k for k in start if _kind(k) == kind]
+                w0 = np.concatenate([start[k] for k in keys])
+                w1 = np.concatenate([end[k] for k in keys])
+                row[kind] = {"below_1e-3": float(np.mean(np.abs(w1) < 1e-3)),
+                             "below_tenth_of_start": float(np.mean(np.abs(w1) < 0.1 * np.abs(w0))),
+                             "median_start": float(np.median(np.abs(w0))),
+                             "median_end": float(np.median(np.abs(w1)))}
+            every0 = np.concatenate(list(start.values()))
+            every1 = np.concatenate([end[k] for k in start])
+            row["all"] = {"below_1e-3": float(np.mean(np.abs(every1) < 1e-3))}
+
+            def hist(w):
+                logs = np.log10(np.maximum(np.abs(w), 10.0 ** LOG_BINS[0]))
+                return np.histogram(np.clip(logs, LOG_BINS[0], LOG_BINS[-1]), LOG_BINS)[0].tolist()
+
+            row["hist_start"], row["hist_end"] = hist(every0), hist(every1)
+            with open(os.path.join(config_lib.run_dir(cfg), "summary.json")) as f:
+                row["metric"] = json.load(f)[TASKS[task][2]]
+            rows.append(row)
+        if rows:
+            out[label] = {kind: {k: float(np.mean([r[kind][k] for r in rows])) for k in rows[0][kind]}
+                          for kind in ("kernels", "biases", "embeddings", "norm scales", "all")}
+            out[label].update(n=len(rows), metric=float(np.mean([r["metric"] for r in rows])),
+                              hist_start=np.mean([r["hist_start"] for r in rows], 0).tolist(),
+                              hist_end=np.mean([r["hist_end"] for r in rows], 0).tolist())
+    return out
+
+
+def plot_lm_weights(result: dict, path: str) -> None:
+    """The distribution of ``log10 |θ|`` over all parameters at the end of each run (and at the
+    start), and the share of each kind of parameter that ends below 1e-3."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4))
+    centres = (LOG_BINS[1:] + LOG_BINS[:-1]) / 2
+    first = next(iter(result.values()))
+    a.plot(centres, first["hist_start"], color="k", ls=":", label="initialisation")
+    for i, (label, r) in enumerate(result.items()):
+        a.plot(centres, r["hist_end"], color=f"C{i}", label=f"{label} ({r['metric']:.3f} bits/char)")
+    a.set_yscale("log")
+    a.set_xlabel("log10 |θ| (entries below 1e-7 in the first bin)")
+    a.set_ylabel("parameter entries")
+    a.set_title("character LM after 3 epochs at Adam 3e-3 (mean of seeds)", fontsize=9)
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+    kinds = ("kernels", "biases", "embeddings", "norm scales")
+    x = np.arange(len(kinds))
+    w = 0.8 / len(result)
+    for i, (label, r) in enumerate(result.items()):
+        b.bar(x + (i - (len(result) - 1) / 2) * w, [100 * r[k]["below_1e-3"] for k in kinds], w,
+              color=f"C{i}", label=label)
+    b.set_xticks(x, kinds)
+    b.set_ylabel("entries with |θ| < 1e-3 at the end (%)")
+    b.grid(alpha=0.3, axis="y")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _log_range(w: np.ndarray) -> float:
     """How many decades the magnitudes of the nonzero entries span: the 95th minus the 5th percentile
     of ``log10 |w|`` (no floor decides it)."""
@@ -327,6 +441,10 @@ def gaps(runner) -> dict:
             results[task]["dynamics"] = dynamics(runner, task)
             if results[task]["dynamics"]:
                 plot_dynamics(results[task]["dynamics"], os.path.join(folder, "gaps_swirls_dynamics.png"))
+        if task == "char_lm":
+            results[task]["weights"] = lm_weights(runner, task)
+            if results[task]["weights"]:
+                plot_lm_weights(results[task]["weights"], os.path.join(folder, "gaps_char_lm_weights.png"))
     old = os.path.join(folder, "results.json")
     if os.path.exists(old):  # keep the tasks of earlier invocations (--tasks runs one part at a time)
         with open(old) as f:

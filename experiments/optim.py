@@ -1,6 +1,9 @@
 """Optimisers and schedules as in the reference: SGD with momentum or Adam, optional global-norm
 clipping and weight decay, a constant, cosine or OneCycle learning rate.
 
+Adam's β₁ is ``momentum`` (0.9 when unset) and its β₂ is ``beta2`` (0.999): the second-moment average
+``v ← β₂ v + (1 - β₂) f²`` remembers about ``1 / (1 - β₂)`` steps, and the update is ``m / √v``.
+
 OneCycle follows PyTorch's ``OneCycleLR`` defaults, which the reference uses: the learning rate rises
 from ``max_lr / 25`` to ``max_lr`` over the first 30 % of steps and anneals (cosine) to
 ``max_lr / 25 / 1e4``; the momentum (Adam's β₁) is cycled the other way, 0.95 → 0.85 → 0.95,
@@ -65,7 +68,8 @@ def make(cfg: dict, total_steps: int) -> optax.GradientTransformation:
                                                   nesterov=bool(cfg.get("nesterov", False)))
     elif name == "adam":
         b1 = momentum if momentum is not None else 0.9
-        opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr_fn, b1=b1)
+        opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr_fn, b1=b1,
+                                                   b2=float(cfg.get("beta2", 0.999)))
     else:
         raise ValueError(f"unknown optimizer {name!r}: sgd or adam")
     parts = []

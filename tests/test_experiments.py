@@ -102,6 +102,23 @@ def test_onecycle_schedule_matches_torch_defaults():
     assert float(mom(99)) == pytest.approx(0.95)
 
 
+def test_adam_beta2_sets_the_second_moment_memory():
+    """Three constant-rate Adam steps on a feedback that changes scale, computed by hand:
+    m ← β₁m + (1-β₁)f, v ← β₂v + (1-β₂)f², update -lr·m̂/(√v̂ + 1e-8) with bias corrections."""
+    feedback = [1.0, 0.1, 0.01]   # a feedback that shrinks, as |θ| ⊙ ∇ does with a shrinking weight
+    for beta2 in (0.999, 0.95):
+        opt = optim.make({"name": "adam", "lr": 0.1, "beta2": beta2}, total_steps=3)
+        state = opt.init(jnp.zeros(()))
+        m = v = 0.0
+        for t, f in enumerate(feedback, 1):
+            update, state = opt.update(jnp.asarray(f), state)
+            m, v = 0.9 * m + 0.1 * f, beta2 * v + (1 - beta2) * f * f
+            expected = -0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + 1e-8)
+            assert float(update) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(config_lib.ConfigError, match=r"optimizer.beta2 must be in \[0, 1\), got 1.0"):
+        config_lib.load(os.path.join(CONFIG_DIR, "gpt_text_lfp.yaml"), ["optimizer.beta2=1.0"])
+
+
 def _tiny(cfg_path, tmp_path, idx_dir, cifar_dir, *extra, text_file=None):
     cfg = config_lib.load(cfg_path, [f"out_dir={tmp_path}", "epochs=1", "batch_size=16",
                                      "data.subset=48", "eval_batch_size=16", *extra])
