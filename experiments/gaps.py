@@ -74,7 +74,7 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
         }
     if task == "fashion_lenet":  # 15 epochs take about 3.5 minutes per run on 2 CPU cores
         return {
-            "Adam, learning rate": [(f"{lr:g}", m, m) for lr in (3e-4, 1e-3)
+            "Adam, learning rate": [(f"{lr:g}", m, m) for lr in (1e-3, 3e-4)
                                     for m in [{"optimizer": {"name": "adam", "lr": lr, "momentum": None,
                                                              "clip_norm": None, "schedule": "cosine"}}]],
         }
@@ -95,10 +95,12 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
                 ("gradient everywhere (control)",
                  {"optimizer": {"lr": 3e-3, "clip_norm": None}, "composite": "gradient_control"},
                  {"optimizer": {"lr": 3e-3, "clip_norm": None}})],
-            "Adam lr 3e-3, β₂ 0.95 (3 epochs)": [
-                ("AttnLRP (default)", m, m) for m in [{"optimizer": {"lr": 3e-3, "beta2": 0.95}}]] + [
-                ("gradient everywhere (control)",
-                 {"optimizer": {"lr": 3e-3, "beta2": 0.95}, "composite": "gradient_control"}, None)],
+            # Adam's second-moment memory, about 1 / (1 - β₂) steps (1000 at the default 0.999)
+            **{f"Adam lr 3e-3, β₂ {b2:g} (3 epochs)": [
+                ("AttnLRP (default)", m, m),
+                ("gradient at products", {**m, "products": "gradient"}, None),
+                ("gradient everywhere (control)", {**m, "composite": "gradient_control"}, None)]
+               for b2 in (0.95, 0.99) for m in [{"optimizer": {"lr": 3e-3, "beta2": b2}}]},
             "Adam, learning rate (1 epoch)": [
                 (f"{lr:g}", m, m) for lr in (1e-3, 3e-3)
                 for m in [{**one, "optimizer": {"lr": lr}}]],
@@ -227,16 +229,25 @@ def dynamics(runner, task: str) -> dict:
     return out
 
 
-# the language-model runs whose final weights the diagnosis compares: (label, method, factor, value)
-LM_WEIGHTS = (("GD", "gd", "Adam lr 3e-3 (3 epochs)", "AttnLRP (default)"),
-              ("LFP", "lfp", "Adam lr 3e-3 (3 epochs)", "AttnLRP (default)"),
-              ("LFP control (−|θ| ⊙ ∇)", "lfp", "Adam lr 3e-3 (3 epochs)", "gradient everywhere (control)"),
-              ("GD, β₂ 0.95", "gd", "Adam lr 3e-3, β₂ 0.95 (3 epochs)", "AttnLRP (default)"),
-              ("LFP, β₂ 0.95", "lfp", "Adam lr 3e-3, β₂ 0.95 (3 epochs)", "AttnLRP (default)"),
-              ("LFP control, β₂ 0.95", "lfp", "Adam lr 3e-3, β₂ 0.95 (3 epochs)",
-               "gradient everywhere (control)"))
+# the runs whose final weights the diagnosis compares, per task: (title, [(label, method, factor,
+# value)]), factor None for the task's base pair
+WEIGHT_RUNS = {
+    "char_lm": ("character LM after 3 epochs at Adam 3e-3", (
+        ("GD", "gd", "Adam lr 3e-3 (3 epochs)", "AttnLRP (default)"),
+        ("LFP", "lfp", "Adam lr 3e-3 (3 epochs)", "AttnLRP (default)"),
+        ("LFP control (−|θ| ⊙ ∇)", "lfp", "Adam lr 3e-3 (3 epochs)", "gradient everywhere (control)"),
+        ("GD, β₂ 0.95", "gd", "Adam lr 3e-3, β₂ 0.95 (3 epochs)", "AttnLRP (default)"),
+        ("LFP, β₂ 0.95", "lfp", "Adam lr 3e-3, β₂ 0.95 (3 epochs)", "AttnLRP (default)"),
+        ("LFP control, β₂ 0.95", "lfp", "Adam lr 3e-3, β₂ 0.95 (3 epochs)",
+         "gradient everywhere (control)"))),
+    "fashion_lenet": ("Fashion-MNIST LeNet after 15 epochs", (
+        ("GD, SGD", "gd", None, None), ("LFP, SGD", "lfp", None, None),
+        ("GD, Adam 1e-3", "gd", "Adam, learning rate", "0.001"),
+        ("LFP, Adam 1e-3", "lfp", "Adam, learning rate", "0.001"))),
+}
 
 LOG_BINS = np.linspace(-7, 0.5, 61)   # log10 |θ| histogram bins of the weight diagnosis
+KINDS = ("kernels", "biases", "embeddings", "norm scales")
 
 
 def _kind(path: str) -> str:
@@ -250,79 +261,89 @@ def _kind(path: str) -> str:
     return "kernels"
 
 
-def lm_weights(runner, task: str = "char_lm") -> dict:
-    """Where the language model's parameters end, for the runs of :data:`LM_WEIGHTS` (every finished
-    seed below ``--seeds``): per parameter kind (:func:`_kind`) the share of entries whose magnitude
-    ends below 1e-3 and below a tenth of its initial value, and the histogram of ``log10 |θ|`` at the
-    start and at the end (bins :data:`LOG_BINS`, entries of exactly 0 in the lowest bin)."""
+def final_weights(runner, task: str) -> dict:
+    """Where a task's parameters end, for the runs of :data:`WEIGHT_RUNS` (every finished seed): per
+    parameter kind (:func:`_kind`; the kinds the model has) the share of entries whose magnitude ends
+    below 1e-3 and below a tenth of its initial value, and the histogram of ``log10 |θ|`` at the start
+    and at the end (bins :data:`LOG_BINS`, exact zeros in the lowest)."""
     import jax
 
     from experiments import train as train_lib
 
-    stem, base, _ = TASKS[task]
+    stem, base, metric = TASKS[task]
     fs = factors(task)
+
+    def flat(params):
+        return {jax.tree_util.keystr(p): np.ravel(np.asarray(v))
+                for p, v in jax.tree_util.tree_leaves_with_path(params)}
+
+    def hist(w):
+        logs = np.log10(np.maximum(np.abs(w), 10.0 ** LOG_BINS[0]))
+        return np.histogram(np.clip(logs, LOG_BINS[0], LOG_BINS[-1]), LOG_BINS)[0].tolist()
+
     out = {}
-    for label, method, factor, value in LM_WEIGHTS:
-        lfp_over, gd_over = next((lo, go) for v, lo, go in fs[factor] if v == value)
-        overrides = config_lib.merge(base[method], lfp_over if method == "lfp" else gd_over)
+    for label, method, factor, value in WEIGHT_RUNS[task][1]:
+        if factor is None:
+            overrides, name = base[method], f"gap_{task}_base_{method}"
+        else:
+            lfp_over, gd_over = next((lo, go) for v, lo, go in fs[factor] if v == value)
+            overrides = config_lib.merge(base[method], lfp_over if method == "lfp" else gd_over)
+            name = f"gap_{task}_{_slug(factor)}_{_slug(value)}_{method}"
         file = f"{stem}_{method}.yaml"
-        name = _run_name(runner, file, overrides, f"gap_{task}_{_slug(factor)}_{_slug(value)}_{method}")
+        name = _run_name(runner, file, overrides, name)
         rows = []
-        for seed in range(runner.args.seeds):
+        for seed in range(max(runner.args.seeds, BASE_SEEDS) + 10):   # every finished seed, as _summaries
             cfg = runner.cfg(file, {**overrides, "name": name}, seed)
-            path = os.path.join(config_lib.run_dir(cfg), train_lib.CHECKPOINT)
-            if not os.path.exists(os.path.join(config_lib.run_dir(cfg), "summary.json")):
+            folder = config_lib.run_dir(cfg)
+            if not os.path.exists(os.path.join(folder, "summary.json")):
                 continue
-            start = {jax.tree_util.keystr(p): np.ravel(np.asarray(v))
-                     for p, v in jax.tree_util.tree_leaves_with_path(train_lib.Trainer(cfg).params)}
-            end = {jax.tree_util.keystr(p): np.ravel(np.asarray(v))
-                   for p, v in jax.tree_util.tree_leaves_with_path(train_lib.read_checkpoint(path)["params"])}
+            start = flat(train_lib.Trainer(cfg).params)
+            end = flat(train_lib.read_checkpoint(os.path.join(folder, train_lib.CHECKPOINT))["params"])
             row = {}
-            for kind in ("kernels", "biases", "embeddings", "norm scales"):
+            for kind in KINDS:
                 keys = [k for k in start if _kind(k) == kind]
+                if not keys:
+                    continue
                 w0 = np.concatenate([start[k] for k in keys])
                 w1 = np.concatenate([end[k] for k in keys])
                 row[kind] = {"below_1e-3": float(np.mean(np.abs(w1) < 1e-3)),
                              "below_tenth_of_start": float(np.mean(np.abs(w1) < 0.1 * np.abs(w0))),
                              "median_start": float(np.median(np.abs(w0))),
                              "median_end": float(np.median(np.abs(w1)))}
-            every0 = np.concatenate(list(start.values()))
             every1 = np.concatenate([end[k] for k in start])
             row["all"] = {"below_1e-3": float(np.mean(np.abs(every1) < 1e-3))}
-
-            def hist(w):
-                logs = np.log10(np.maximum(np.abs(w), 10.0 ** LOG_BINS[0]))
-                return np.histogram(np.clip(logs, LOG_BINS[0], LOG_BINS[-1]), LOG_BINS)[0].tolist()
-
-            row["hist_start"], row["hist_end"] = hist(every0), hist(every1)
-            with open(os.path.join(config_lib.run_dir(cfg), "summary.json")) as f:
-                row["metric"] = json.load(f)[TASKS[task][2]]
+            row["hist_start"], row["hist_end"] = hist(np.concatenate(list(start.values()))), hist(every1)
+            with open(os.path.join(folder, "summary.json")) as f:
+                row["metric"] = json.load(f)[metric]
             rows.append(row)
         if rows:
+            kinds = [k for k in (*KINDS, "all") if k in rows[0]]
             out[label] = {kind: {k: float(np.mean([r[kind][k] for r in rows])) for k in rows[0][kind]}
-                          for kind in ("kernels", "biases", "embeddings", "norm scales", "all")}
+                          for kind in kinds}
             out[label].update(n=len(rows), metric=float(np.mean([r["metric"] for r in rows])),
                               hist_start=np.mean([r["hist_start"] for r in rows], 0).tolist(),
                               hist_end=np.mean([r["hist_end"] for r in rows], 0).tolist())
     return out
 
 
-def plot_lm_weights(result: dict, path: str) -> None:
+def plot_weights(task: str, result: dict, path: str) -> None:
     """The distribution of ``log10 |θ|`` over all parameters at the end of each run (and at the
     start), and the share of each kind of parameter that ends below 1e-3."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4))
     centres = (LOG_BINS[1:] + LOG_BINS[:-1]) / 2
     first = next(iter(result.values()))
     a.plot(centres, first["hist_start"], color="k", ls=":", label="initialisation")
+    unit = "bits/char" if TASKS[task][2] == "test_bits_per_char" else "test accuracy"
     for i, (label, r) in enumerate(result.items()):
-        a.plot(centres, r["hist_end"], color=f"C{i}", label=f"{label} ({r['metric']:.3f} bits/char)")
+        shown = f"{r['metric']:.3f}" if unit == "bits/char" else f"{100 * r['metric']:.2f} %"
+        a.plot(centres, r["hist_end"], color=f"C{i}", label=f"{label} ({shown} {unit})")
     a.set_yscale("log")
     a.set_xlabel("log10 |θ| (entries below 1e-7 in the first bin)")
     a.set_ylabel("parameter entries")
-    a.set_title("character LM after 3 epochs at Adam 3e-3 (mean of seeds)", fontsize=9)
+    a.set_title(f"{WEIGHT_RUNS[task][0]} (mean of seeds)", fontsize=9)
     a.legend(fontsize=7)
     a.grid(alpha=0.3)
-    kinds = ("kernels", "biases", "embeddings", "norm scales")
+    kinds = [k for k in KINDS if k in first]
     x = np.arange(len(kinds))
     w = 0.8 / len(result)
     for i, (label, r) in enumerate(result.items()):
@@ -441,10 +462,10 @@ def gaps(runner) -> dict:
             results[task]["dynamics"] = dynamics(runner, task)
             if results[task]["dynamics"]:
                 plot_dynamics(results[task]["dynamics"], os.path.join(folder, "gaps_swirls_dynamics.png"))
-        if task == "char_lm":
-            results[task]["weights"] = lm_weights(runner, task)
+        if task in WEIGHT_RUNS:
+            results[task]["weights"] = final_weights(runner, task)
             if results[task]["weights"]:
-                plot_lm_weights(results[task]["weights"], os.path.join(folder, "gaps_char_lm_weights.png"))
+                plot_weights(task, results[task]["weights"], os.path.join(folder, f"gaps_{task}_weights.png"))
     old = os.path.join(folder, "results.json")
     if os.path.exists(old):  # keep the tasks of earlier invocations (--tasks runs one part at a time)
         with open(old) as f:

@@ -196,25 +196,36 @@ def _gaps_section(folder: str, gaps: dict) -> list[str]:
             out += _swirls_dynamics(folder, res)
         if task == "char_lm":
             out += _char_lm_notes(res)
-            if res.get("weights"):
-                out += _lm_weights(folder, res)
+        if res.get("weights"):
+            out += _final_weights(folder, task, res)
     return out
 
 
-def _lm_weights(folder: str, res: dict) -> list[str]:
-    """Where the language model's parameters end under LFP and gradient descent, and what Adam's β₂
-    changes; each claim only where the numbers hold it."""
+def _final_weights(folder: str, task: str, res: dict) -> list[str]:
+    """Where a task's parameters end under LFP and gradient descent (and, for the language model,
+    what Adam's β₂ changes); each claim only where the numbers hold it."""
     w = res["weights"]
-    kinds = ("kernels", "biases", "embeddings", "norm scales")
-    out = ["Where the parameters end (3 epochs at Adam 3e-3; from each run's final checkpoint against "
-           "the trainer's initialisation of its config; mean over seeds):", "",
-           "| run | n | bits per character | " + " | ".join(f"{k} with \\|θ\\| < 1e-3" for k in kinds)
-           + " | all |", "|---|---|---|" + "---|" * (len(kinds) + 1)]
+    kinds = [k for k in ("kernels", "biases", "embeddings", "norm scales") if k in next(iter(w.values()))]
+    lm = task == "char_lm"
+    out = [f"Where the parameters end ({'3 epochs at Adam 3e-3' if lm else '15 epochs'}; from each run's "
+           "final checkpoint against the trainer's initialisation of its config; mean over seeds):", "",
+           f"| run | n | {'bits per character' if lm else 'test accuracy'} | "
+           + " | ".join(f"{k} with \\|θ\\| < 1e-3" for k in kinds) + " | all |",
+           "|---|---|---|" + "---|" * (len(kinds) + 1)]
     for label, r in w.items():
-        out.append(f"| {label} | {r['n']} | {r['metric']:.3f} | "
+        shown = f"{r['metric']:.3f}" if lm else f"{100 * r['metric']:.2f} %"
+        out.append(f"| {label} | {r['n']} | {shown} | "
                    + " | ".join(f"{100 * r[k]['below_1e-3']:.1f} %" for k in kinds)
                    + f" | {100 * r['all']['below_1e-3']:.1f} % |")
     text = []
+    figure = _img(folder, "gaps", f"gaps_{task}_weights.png")
+    if not lm:
+        gd, lfp = w.get("GD, SGD"), w.get("LFP, SGD")
+        if gd and lfp:
+            text.append(f"With the configs' SGD, {100 * lfp['all']['below_1e-3']:.1f} % of LFP's parameters "
+                        f"end below 1e-3 against {100 * gd['all']['below_1e-3']:.1f} % of gradient "
+                        "descent's.")
+        return ["", " ".join(text), "", figure]
     gd, ctrl = w.get("GD"), w.get("LFP control (−|θ| ⊙ ∇)")
     if gd and ctrl and ctrl["all"]["below_1e-3"] > 10 * max(gd["all"]["below_1e-3"], 1e-3):
         text.append(f"Under Adam with β₂ = 0.999, {100 * ctrl['all']['below_1e-3']:.0f} % of the control's "
@@ -239,8 +250,7 @@ def _lm_weights(folder: str, res: dict) -> list[str]:
                         f"bits per character with {100 * lfp['all']['below_1e-3']:.1f} % of its parameters "
                         f"below 1e-3, against gradient descent's {g['metric']:.3f} at the same β₂ "
                         f"({lfp['metric'] - best:+.3f} from gradient descent's better β₂; n={lfp['n']}).")
-    return ["", " ".join(text), "", _img(folder, "gaps", "gaps_char_lm_weights.png")] if text else [
-        "", _img(folder, "gaps", "gaps_char_lm_weights.png")]
+    return ["", " ".join(text), "", figure]
 
 
 def _char_lm_notes(res: dict) -> list[str]:
