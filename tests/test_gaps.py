@@ -64,3 +64,43 @@ def test_the_gradient_control_gives_magnitude_times_gradient_on_the_character_de
     default = composite_of(config_lib.load(None, ["epsilon=1e-12"]))
     with pytest.raises(AssertionError, match="relative error"):   # the default rules are not the gradient
         assert_theorem1(fun, params, x, labels=y, composite=default, rtol=1e-6, zero_gradient=(key_bias,))
+
+
+def test_final_weights_counts_the_entries_that_end_near_zero(tmp_path, monkeypatch):
+    """The weight diagnosis on a swirls run whose final parameters are its initial ones with the first
+    layer's kernel set to 0 and its bias to 1e-4: hand-counted shares below 1e-3 per kind and overall,
+    and the zeros in the histogram's lowest bin."""
+    import json
+    import os
+
+    import jax
+    import numpy as np
+
+    from experiments import train as train_lib
+
+    runner = _runner(tmp_path)
+    monkeypatch.setitem(gaps.WEIGHT_RUNS, "swirls", ("swirls", (("LFP", "lfp", None, None),)))
+    stem, base, _ = gaps.TASKS["swirls"]
+    cfg = runner.cfg(f"{stem}_lfp.yaml", {**base["lfp"], "name": "gap_swirls_base_lfp"}, 0)
+    folder = config_lib.run_dir(cfg)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump({"test_accuracy": 0.5}, f)
+    start = train_lib.Trainer(cfg).params
+    first = sorted(start)[0]
+    end = jax.tree_util.tree_map(np.asarray, start)
+    end[first] = {"kernel": np.zeros_like(end[first]["kernel"]),
+                  "bias": np.full_like(end[first]["bias"], 1e-4)}
+    monkeypatch.setattr(train_lib, "read_checkpoint", lambda path: {"params": end})
+    got = gaps.final_weights(runner, "swirls")["LFP"]
+    kernels = sum(start[k]["kernel"].size for k in start)
+    biases = sum(start[k]["bias"].size for k in start)
+    small_start_biases = sum(int(np.sum(np.abs(start[k]["bias"]) < 1e-3)) for k in start if k != first)
+    assert got["kernels"]["below_1e-3"] == pytest.approx(
+        (end[first]["kernel"].size + sum(int(np.sum(np.abs(start[k]["kernel"]) < 1e-3))
+                                         for k in start if k != first)) / kernels)
+    expected_biases = (end[first]["bias"].size + small_start_biases) / biases
+    assert got["biases"]["below_1e-3"] == pytest.approx(expected_biases)
+    assert set(got) >= {"kernels", "biases", "all"} and "embeddings" not in got
+    assert sum(got["hist_end"]) == kernels + biases == sum(got["hist_start"])
+    assert got["hist_end"][0] >= end[first]["kernel"].size and got["n"] == 1 and got["metric"] == 0.5
