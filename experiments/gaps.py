@@ -156,6 +156,8 @@ def _summaries(runner, stem: str, method: str, overrides: dict, name: str, metri
     values = np.array([r.get(metric, np.nan) if r.get(metric) is not None else np.nan for r in runs], float)
     out.update(metric=metric, metric_mean=float(np.nanmean(values)), metric_std=float(np.nanstd(values)),
                metric_values=values.tolist())
+    if all(r.get("train_accuracy") is not None for r in runs):   # the last epoch's, with dropout on
+        out["train_accuracy_mean"] = float(np.mean([r["train_accuracy"] for r in runs]))
     return out
 
 

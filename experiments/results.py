@@ -196,9 +196,41 @@ def _gaps_section(folder: str, gaps: dict) -> list[str]:
             out += _swirls_dynamics(folder, res)
         if task == "char_lm":
             out += _char_lm_notes(res)
+        if task == "fashion_lenet":
+            out += _lenet_notes(res)
         if res.get("weights"):
             out += _final_weights(folder, task, res)
     return out
+
+
+def _lenet_notes(res: dict) -> list[str]:
+    """What the Fashion-MNIST LeNet's factors show; a sentence only where its runs are there."""
+    base, f = res.get("base", {}), res.get("factors", {})
+    lfp, gd = base.get("lfp"), base.get("gd")
+    if not (lfp and gd):
+        return []
+    pts = 100 * (gd["metric_mean"] - lfp["metric_mean"])
+    text = [f"With the configs' SGD and OneCycle LFP trails by {pts:.2f} points (n={lfp['n']})."]
+    if lfp.get("train_accuracy_mean") is not None and gd.get("train_accuracy_mean") is not None:
+        a, b = 100 * lfp["train_accuracy_mean"], 100 * gd["train_accuracy_mean"]
+        fits = ": LFP fits the training set less, it does not overfit more." if a < b else "."
+        text.append(f"Its training accuracy (last epoch, dropout on) is {a:.1f} % against {b:.1f} %{fits}")
+    adam = f.get("Adam, learning rate", {})
+    for lr, cell in adam.items():
+        if cell.get("lfp") and cell.get("gd"):
+            m_l, m_g = 100 * cell["lfp"]["metric_mean"], 100 * cell["gd"]["metric_mean"]
+            text.append(f"Adam at {lr} (cosine, no clipping) gives LFP {m_l:.2f} % and gradient descent "
+                        f"{m_g:.2f} % ({m_g - m_l:.2f} points).")
+    if adam and all(c.get("lfp") and c["lfp"]["metric_mean"] < lfp["metric_mean"] for c in adam.values()):
+        text.append("Adam does not help LFP here: the SGD config stays.")
+    longer = f.get("epochs (OneCycle over all of them)", {}).get("30", {})
+    if longer.get("lfp") and longer.get("gd"):
+        gain_l = 100 * (longer["lfp"]["metric_mean"] - lfp["metric_mean"])
+        gain_g = 100 * (longer["gd"]["metric_mean"] - gd["metric_mean"])
+        apart = 100 * (longer["gd"]["metric_mean"] - longer["lfp"]["metric_mean"])
+        text.append(f"Over 30 epochs LFP gains {gain_l:+.2f} points and gradient descent {gain_g:+.2f} "
+                    f"(n={longer['lfp']['n']}), ending {apart:.2f} points apart.")
+    return ["", " ".join(text), ""]
 
 
 def _final_weights(folder: str, task: str, res: dict) -> list[str]:
