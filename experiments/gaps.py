@@ -78,6 +78,8 @@ def factors(task: str) -> dict[str, list[tuple[str, dict | None, dict | None]]]:
                                     for m in [{"optimizer": {"name": "adam", "lr": lr, "momentum": None,
                                                              "clip_norm": None, "schedule": "cosine"}}]],
             "epochs (OneCycle over all of them)": [("30", {"epochs": 30}, {"epochs": 30})],
+            # LFP's rate against gradient descent's own (0.1)
+            "LFP learning rate (SGD, OneCycle)": [("0.1", {"optimizer": {"lr": 0.1}}, None)],
         }
     if task == "char_lm":  # 3 epochs take 4 to 6 minutes per run on 2 CPU cores; 1-epoch probes a third
         one = {"epochs": 1}

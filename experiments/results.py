@@ -275,9 +275,10 @@ def _final_weights(folder: str, task: str, res: dict) -> list[str]:
                     "descent's (LFP with its own rules: "
                     f"{100 * w['LFP']['all']['below_1e-3']:.0f} %), although the two differ only by the "
                     "factor |θ| in the feedback. A step of |θ| ⊙ ∇ is proportional to the weight itself, "
-                    "so a weight that shrinks takes ever smaller steps: zero is absorbing, and a weight "
-                    "that gradient descent would carry through zero to the other sign stops near it "
-                    "instead. Adam would divide a constant factor out (its step is m / √v), but √v "
+                    "so a weight that shrinks takes ever smaller steps and zero is a trap: where a "
+                    "weight's feedback is mostly noise, steps proportional to |θ| are a multiplicative "
+                    "random walk, whose logarithm drifts down (docs/how-it-works.md shows it on pure "
+                    "noise). Adam would divide a constant factor out (its step is m / √v), but √v "
                     "averages f² over about 1 / (1 − β₂) = 1000 steps, so it still remembers the larger "
                     "|θ| of the past while the weight shrinks, and the step shrinks with the weight. The "
                     "normalisation scales, which start at 1 and stay near it, do not collapse. These "
@@ -322,14 +323,19 @@ def _beta2_table(res: dict) -> list[str]:
         gd95 = rows[0.95][0].get("AttnLRP (default)", {}).get("gd")
         c95 = rows[0.95][0].get("gradient everywhere (control)", {}).get("lfp")
         closed = ctrl[0] - gd[0] <= 0.01
+        n_c = rows[ctrl[1]][0]["gradient everywhere (control)"]["lfp"]["n"]
+        n_g = rows[gd[1]][0]["AttnLRP (default)"]["gd"]["n"]
         text.append(("A β₂ closes" if closed else "No β₂ closes") + " the |θ| factor's share of the gap: the "
-                    f"control's best β₂ ({ctrl[1]:g}) ends at {ctrl[0]:.3f}, {ctrl[0] - gd[0]:+.3f} from "
-                    f"gradient descent's best (β₂ {gd[1]:g}, {gd[0]:.3f}).")
+                    f"control's best β₂ ({ctrl[1]:g}) ends at {ctrl[0]:.3f} (n={n_c}), "
+                    f"{ctrl[0] - gd[0]:+.3f} from gradient descent's best (β₂ {gd[1]:g}, {gd[0]:.3f}, "
+                    f"n={n_g}).")
         if gd95 and c95 and not closed:
             text.append("A short memory keeps LFP's weights off zero but makes Adam's normalisation "
                         f"noisier, which costs gradient descent itself {gd95['metric_mean'] - gd[0]:+.3f} "
                         f"(β₂ 0.95 against {gd[1]:g}); at the same β₂ = 0.95 the control ends "
-                        f"{c95['metric_mean'] - gd95['metric_mean']:+.3f} from gradient descent. A long "
+                        f"{abs(c95['metric_mean'] - gd95['metric_mean']):.3f} bits per character "
+                        f"{'below (better than)' if c95['metric_mean'] < gd95['metric_mean'] else 'above'} "
+                        "gradient descent. A long "
                         "memory suits gradient descent and traps LFP's weights at zero, so at no β₂ are "
                         "both at their best. What would remove the trap is an optimiser that normalises "
                         "each step by the current |θ|, but dividing LFP's feedback by |θ| gives back the "
