@@ -305,7 +305,8 @@ def final_weights(runner, task: str) -> dict:
         for seed in range(max(runner.args.seeds, BASE_SEEDS) + 10):   # every finished seed, as _summaries
             cfg = runner.cfg(file, {**overrides, "name": name}, seed)
             folder = config_lib.run_dir(cfg)
-            if not os.path.exists(os.path.join(folder, "summary.json")):
+            done = [os.path.join(folder, f) for f in ("summary.json", train_lib.CHECKPOINT)]
+            if not all(os.path.exists(f) for f in done):
                 continue
             start = flat(train_lib.Trainer(cfg).params)
             end = flat(train_lib.read_checkpoint(os.path.join(folder, train_lib.CHECKPOINT))["params"])
@@ -323,8 +324,8 @@ def final_weights(runner, task: str) -> dict:
             every1 = np.concatenate([end[k] for k in start])
             row["all"] = {"below_1e-3": float(np.mean(np.abs(every1) < 1e-3))}
             row["hist_start"], row["hist_end"] = hist(np.concatenate(list(start.values()))), hist(every1)
-            with open(os.path.join(folder, "summary.json")) as f:
-                row["metric"] = json.load(f)[metric]
+            with open(done[0]) as f:
+                row["metric"] = json.load(f).get(metric, float("nan"))
             rows.append(row)
         if rows:
             kinds = [k for k in (*KINDS, "all") if k in rows[0]]

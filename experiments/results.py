@@ -261,7 +261,7 @@ def _defaults(gaps: dict) -> list[str]:
     lm = gaps.get("char_lm")
     if lm:
         best = _best_settings(lm, lower=True, same_steps="(3 epochs)")
-        if best.get("lfp") and best["lfp"][0] != "base":
+        if best.get("lfp") and best["lfp"][0] != "base" and lm.get("base", {}).get("lfp"):
             factor, label, e = best["lfp"]
             text.append("For the language model the best LFP setting found "
                         f"({factor.removesuffix(' (3 epochs)')}, {label}: {e['metric_mean']:.3f}) is better "
