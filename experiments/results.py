@@ -413,6 +413,11 @@ def _beta2_table(res: dict) -> list[str]:
                         f"{gd[0]:g} (n={k1}); at the same β₂ = 0.95 the control ends {abs(c_ - g_):.3f} bits "
                         f"per character {'below (better than)' if c_ < g_ else 'above'} gradient descent "
                         f"(n={k2}).")
+            p95 = rows[0.95][0].get("gradient at products", {}).get("lfp")
+            if p95:
+                l_, g_, k3 = _paired(p95, gd95)
+                text.append(f"At these same settings LFP with the gradient at products ends {l_ - g_:+.3f} "
+                            f"from gradient descent (n={k3}).")
             if ctrl[0] != gd[0]:
                 text.append("The memory that suits gradient descent traps LFP's weights at zero, and the one "
                             "that suits LFP costs gradient descent, so at no β₂ are both at their best. What "
