@@ -187,6 +187,20 @@ def gap_task(runner, task: str) -> dict:
     return results
 
 
+def _setting(runner, task: str, method: str, factor: str | None, value: str | None) -> tuple[str, dict]:
+    """The config file and overrides (run name included, as :func:`gap_task` trains it) of one cell of
+    :func:`factors`, or of the task's base run where ``factor`` is None."""
+    stem, base, _ = TASKS[task]
+    if factor is None:
+        overrides, name = base[method], f"gap_{task}_base_{method}"
+    else:
+        lfp_over, gd_over = next((lo, go) for v, lo, go in factors(task)[factor] if v == value)
+        overrides = config_lib.merge(base[method], lfp_over if method == "lfp" else gd_over)
+        name = f"gap_{task}_{_slug(factor)}_{_slug(value)}_{method}"
+    file = f"{stem}_{method}.yaml"
+    return file, {**overrides, "name": _run_name(runner, file, overrides, name)}
+
+
 # the runs whose training dynamics the swirls diagnosis compares: (label, method, factor, value)
 DYNAMICS = (("LFP, SGD", "lfp", "epochs", "100"), ("GD, SGD", "gd", "epochs", "100"),
             ("LFP, Adam", "lfp", "Adam (lr 3e-3), epochs", "100"),
@@ -201,17 +215,12 @@ def dynamics(runner, task: str) -> dict:
     largest |w|, and the dead units of each hidden layer."""
     from experiments import train as train_lib
 
-    stem, base, _ = TASKS[task]
-    fs = factors(task)
     out = {}
     for label, method, factor, value in DYNAMICS:
-        lfp_over, gd_over = next((lo, go) for v, lo, go in fs[factor] if v == value)
-        overrides = config_lib.merge(base[method], lfp_over if method == "lfp" else gd_over)
-        file = f"{stem}_{method}.yaml"
-        name = _run_name(runner, file, overrides, f"gap_{task}_{_slug(factor)}_{_slug(value)}_{method}")
+        file, overrides = _setting(runner, task, method, factor, value)
         rows = []
         for seed in range(runner.args.seeds):
-            cfg = runner.cfg(file, {**overrides, "name": name}, seed)
+            cfg = runner.cfg(file, overrides, seed)
             folder = config_lib.run_dir(cfg)
             path = os.path.join(folder, train_lib.CHECKPOINT)
             if not os.path.exists(path):
@@ -280,8 +289,7 @@ def final_weights(runner, task: str) -> dict:
 
     from experiments import train as train_lib
 
-    stem, base, metric = TASKS[task]
-    fs = factors(task)
+    metric = TASKS[task][2]
 
     def flat(params):
         return {jax.tree_util.keystr(p): np.ravel(np.asarray(v))
@@ -293,17 +301,10 @@ def final_weights(runner, task: str) -> dict:
 
     out = {}
     for label, method, factor, value in WEIGHT_RUNS[task][1]:
-        if factor is None:
-            overrides, name = base[method], f"gap_{task}_base_{method}"
-        else:
-            lfp_over, gd_over = next((lo, go) for v, lo, go in fs[factor] if v == value)
-            overrides = config_lib.merge(base[method], lfp_over if method == "lfp" else gd_over)
-            name = f"gap_{task}_{_slug(factor)}_{_slug(value)}_{method}"
-        file = f"{stem}_{method}.yaml"
-        name = _run_name(runner, file, overrides, name)
+        file, overrides = _setting(runner, task, method, factor, value)
         rows = []
         for seed in range(max(runner.args.seeds, BASE_SEEDS) + 10):   # every finished seed, as _summaries
-            cfg = runner.cfg(file, {**overrides, "name": name}, seed)
+            cfg = runner.cfg(file, overrides, seed)
             folder = config_lib.run_dir(cfg)
             done = [os.path.join(folder, f) for f in ("summary.json", train_lib.CHECKPOINT)]
             if not all(os.path.exists(f) for f in done):
